@@ -1,0 +1,1 @@
+"""Raw meshes → normalized TSDF grids, rendered views, captions and webdataset shards."""

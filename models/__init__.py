@@ -1,0 +1,1 @@
+"""shapekiln.models (see DESIGN.md)."""

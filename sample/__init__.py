@@ -1,0 +1,1 @@
+"""shapekiln.sample (see DESIGN.md)."""

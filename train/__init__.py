@@ -1,0 +1,1 @@
+"""shapekiln.train (see DESIGN.md)."""
