@@ -1,0 +1,175 @@
+"""The `shapekiln` command: a thin layer over the library; user errors print one line and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from shapekiln.errors import ShapekilnError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except ShapekilnError as error:
+        print(f"shapekiln: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("shapekiln: interrupted; finished shards are kept and a rerun resumes", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shapekiln", description=__doc__.splitlines()[0] if __doc__ else None)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    prep = commands.add_parser("prep", help="meshes → TSDF grids, views, captions, webdataset shards")
+    prep.add_argument("source", choices=["synthetic", "folder", "objaverse"], help="where shapes come from")
+    prep.add_argument("path", nargs="?", type=Path, help="folder: the directory of meshes")
+    prep.add_argument("--out", type=Path, required=True, help="output directory for shards")
+    _add_prep_options(prep)
+    group = prep.add_argument_group("synthetic")
+    group.add_argument("--count", type=int, default=200, help="number of shapes (default 200)")
+    group.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
+    group = prep.add_argument_group("folder and objaverse")
+    group.add_argument("--captions", type=Path, help="caption CSV (folder: modelId,description[,category]; objaverse: uid,caption)")
+    group = prep.add_argument_group("objaverse")
+    group.add_argument("--cache-dir", type=Path, help="objaverse cache (default: the package's, ~/.objaverse/hf-objaverse-v1)")
+    group.add_argument("--uids", help="comma-separated uids, or @FILE with one uid per line")
+    group.add_argument("--lvis", help="comma-separated LVIS categories to keep")
+    group.add_argument("--limit", type=int, help="keep the first N uids")
+    prep.set_defaults(run=_run_prep)
+
+    show = commands.add_parser("show", help="write a PNG contact sheet of a prepared dataset")
+    show.add_argument("data", type=Path, help="directory of shards")
+    show.add_argument("--split", default="train")
+    show.add_argument("--count", type=int, default=6, help="shapes to show (default 6)")
+    show.add_argument("--out", type=Path, help="PNG path (default DATA/preview.png)")
+    show.set_defaults(run=_run_show)
+
+    quick = commands.add_parser("quickstart", help="prepare the synthetic dataset (small config) and write its preview")
+    quick.add_argument("--out", type=Path, default=Path("runs/quickstart/data"), help="default runs/quickstart/data")
+    quick.add_argument("--count", type=int, default=200)
+    quick.add_argument("--workers", type=int, default=2)
+    quick.set_defaults(run=_run_quickstart)
+    return parser
+
+
+def _add_prep_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("processing (override the config)")
+    group.add_argument("--config", default="small", help="tiny, small, paper or a .yaml path (configs/data/; default small)")
+    group.add_argument("--resolution", type=int, help="TSDF grid size R (R³ voxels)")
+    group.add_argument("--tau", type=float, help="truncation distance")
+    group.add_argument("--views", type=int, help="rendered views per shape")
+    group.add_argument("--view-size", type=int, help="view width and height in pixels")
+    group.add_argument("--shard-size", type=int, help="shapes per shard")
+    group.add_argument("--max-faces", type=int, help="face limit per mesh")
+    group.add_argument("--over-face-limit", choices=["decimate", "skip"], help="what to do with a mesh over the limit")
+    group = parser.add_argument_group("running")
+    group.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    group.add_argument("--num-shards", type=int, default=1, help="split the job into this many slices (array jobs)")
+    group.add_argument("--shard-index", type=int, default=0, help="which slice this process writes, 0-based")
+    group.add_argument("--preview", action="store_true", help="also write OUT/preview.png")
+    group.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _run_prep(args: argparse.Namespace) -> int:
+    from shapekiln.config import load_config
+    from shapekiln.data_prep.process import PrepConfig
+    from shapekiln.data_prep.shards import run_prep
+
+    overrides = {
+        "resolution": args.resolution, "tau": args.tau, "views": args.views, "view_size": args.view_size,
+        "shard_size": args.shard_size, "max_faces": args.max_faces, "over_face_limit": args.over_face_limit,
+    }
+    config = load_config(PrepConfig, args.config, "data", overrides)
+    source, source_args = _build_source(args)
+    summary = run_prep(
+        source, config, args.out, workers=args.workers, num_shards=args.num_shards, shard_index=args.shard_index,
+        progress=not args.no_progress, source_args=source_args,
+    )
+    print(summary.line(args.out))
+    if args.preview:
+        print(f"preview: {_write_preview(args.out, 'train', 6, args.out / 'preview.png')}")
+    return 0
+
+
+def _build_source(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+    """The source object and the arguments that define it (recorded in dataset.json)."""
+    if args.source == "synthetic":
+        from shapekiln.data_prep.sources.synthetic import SyntheticSource
+
+        if args.count < 1:
+            raise ShapekilnError(f"--count must be at least 1, got {args.count}")
+        return SyntheticSource(args.count, seed=args.seed), {"count": args.count, "seed": args.seed}
+    if args.source == "folder":
+        from shapekiln.data_prep.sources.folder import FolderSource
+
+        if args.path is None:
+            raise ShapekilnError("prep folder needs the directory of meshes: shapekiln prep folder DIR --out OUT")
+        source_args = {"root": str(args.path.resolve()), "captions": str(args.captions) if args.captions else None}
+        return FolderSource(args.path, captions_csv=args.captions), source_args
+    from shapekiln.data_prep.sources.objaverse import ObjaverseSource
+
+    uids = _read_list(args.uids)
+    lvis = [name.strip() for name in args.lvis.split(",") if name.strip()] if args.lvis else None
+    source = ObjaverseSource(cache_dir=args.cache_dir, uids=uids, lvis_categories=lvis, captions_csv=args.captions, limit=args.limit)
+    source_args = {
+        "cache_dir": str(args.cache_dir) if args.cache_dir else None, "uids": uids, "lvis": lvis,
+        "captions": str(args.captions) if args.captions else None, "limit": args.limit,
+    }
+    return source, source_args
+
+
+def _read_list(value: str | None) -> list[str] | None:
+    if not value:
+        return None
+    if value.startswith("@"):
+        path = Path(value[1:])
+        try:
+            return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        except OSError as error:
+            raise ShapekilnError(f"cannot read uid list {path}: {error.strerror}") from None
+    return [uid.strip() for uid in value.split(",") if uid.strip()]
+
+
+def _run_show(args: argparse.Namespace) -> int:
+    out = args.out or args.data / "preview.png"
+    print(f"preview: {_write_preview(args.data, args.split, args.count, out)}")
+    return 0
+
+
+def _write_preview(data: Path, split: str, count: int, out: Path) -> Path:
+    import itertools
+
+    from shapekiln.data_prep.preview import contact_sheet
+    from shapekiln.data_prep.reader import ShapeShards, list_shards
+
+    dataset = ShapeShards(list_shards(data, split), views=True)
+    samples = []
+    for sample in itertools.islice(dataset, count):
+        samples.append({
+            "id": sample["id"],
+            "caption": sample["captions"][0],
+            "views": sample["views"].permute(0, 2, 3, 1).numpy(),  # (K, H, W, 4)
+            "tsdf": sample["tsdf"][0].numpy(),
+        })
+    try:
+        return contact_sheet(samples, out)
+    except OSError as error:
+        raise ShapekilnError(f"cannot write {out}: {error.strerror or error}") from None
+
+
+def _run_quickstart(args: argparse.Namespace) -> int:
+    return main([
+        "prep", "synthetic", "--count", str(args.count), "--out", str(args.out), "--config", "small",
+        "--workers", str(args.workers), "--preview",
+    ])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
