@@ -147,15 +147,17 @@ def _write_shard(out: Path, plan: ShardPlan, results: Iterator, bar: tqdm) -> tu
     try:
         with open(temporary, "wb") as stream:
             writer = wds.TarWriter(stream, mtime=0.0)  # fixed mtime: same input → byte-identical shards
-            for _ in plan.items:
-                shape_id, sample, reason = next(results)
-                if sample is None:
-                    failures.append({"id": shape_id, "reason": reason})
-                else:
-                    writer.write(sample)
-                    ids.append(shape_id)
-                bar.update(1)
-            writer.close()
+            try:
+                for _ in plan.items:
+                    shape_id, sample, reason = next(results)
+                    if sample is None:
+                        failures.append({"id": shape_id, "reason": reason})
+                    else:
+                        writer.write(sample)
+                        ids.append(shape_id)
+                    bar.update(1)
+            finally:
+                writer.close()  # also on interruption, before the file closes: the temp file is removed below
         index = {"shard": final.name, "samples": ids, "failures": failures}
         _write_atomic(out / "index" / f"{plan.name}.json", json.dumps(index, indent=1).encode())
         os.replace(temporary, final)
