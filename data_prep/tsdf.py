@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import igl
 import numpy as np
+from scipy import ndimage
 
 
 def voxel_centers(resolution: int) -> np.ndarray:
@@ -82,9 +83,56 @@ def compute_tsdf(
         children = np.stack(np.meshgrid(*[np.arange(2) * size] * 3, indexing="ij"), -1).reshape(-1, 3)
         corners = (corners[:, None, :] + children[None, :, :]).reshape(-1, 3)
 
-    points = grid_points(resolution)
-    sign = np.where(inside_mask(vertices, faces, points), -1.0, 1.0).reshape(distance.shape)
-    return (sign * distance).astype(np.float32)
+    points = grid_points(resolution).reshape(resolution, resolution, resolution, 3)
+    if is_closed(vertices, faces):
+        inside = _inside_closed(vertices, faces, points, distance, voxel)
+    else:
+        inside = inside_mask(vertices, faces, points.reshape(-1, 3)).reshape(distance.shape)
+    return np.where(inside, -distance, distance).astype(np.float32)
+
+
+def is_closed(vertices: np.ndarray, faces: np.ndarray) -> bool:
+    """True if the mesh is watertight and consistently oriented, as indexed or with coincident vertices merged.
+
+    Then its winding number is an integer off the surface, so it is constant on any region the
+    surface does not cut. Overlapping closed parts qualify (their indices stay apart even where
+    they touch); open or inconsistently wound meshes do not. Merging covers meshes split at UV seams.
+    """
+    if _edges_pair_up(faces, len(vertices)):
+        return True
+    _, merged = np.unique(np.round(vertices, 9), axis=0, return_inverse=True)
+    return _edges_pair_up(merged.reshape(-1)[faces], len(vertices))
+
+
+def _edges_pair_up(faces: np.ndarray, vertex_count: int) -> bool:
+    """Every directed edge occurs once and so does its reverse: each edge joins two oppositely wound faces."""
+    edges = np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]])  # directed, (3F, 2)
+    edges = edges[edges[:, 0] != edges[:, 1]]  # collapsed triangles add no boundary
+    forward = np.sort(edges[:, 0] * (vertex_count + 1) + edges[:, 1])
+    backward = np.sort(edges[:, 1] * (vertex_count + 1) + edges[:, 0])
+    return len(forward) > 0 and bool(np.all(forward[1:] != forward[:-1])) and bool(np.array_equal(forward, backward))
+
+
+def _inside_closed(
+    vertices: np.ndarray, faces: np.ndarray, points: np.ndarray, distance: np.ndarray, voxel: float
+) -> np.ndarray:
+    """Inside mask for a closed mesh with winding-number queries only near the surface.
+
+    Two neighbouring voxels both farther than half a voxel from the surface are joined by a segment
+    the surface cannot cross (distance is 1-Lipschitz), so they share the winding number. Each
+    connected region of such voxels needs one query, taken at its voxel farthest from the surface;
+    the thin shell of voxels within half a voxel of the surface is queried voxel by voxel.
+    """
+    shell = distance <= voxel / 2.0  # (R, R, R); `distance` is exact in the band and a lower bound beyond
+    inside = np.zeros(distance.shape, dtype=bool)
+    inside[shell] = inside_mask(vertices, faces, points[shell])
+    regions, count = ndimage.label(~shell)  # 6-connected
+    if count:
+        deepest = ndimage.maximum_position(distance, regions, index=np.arange(1, count + 1))
+        representatives = points[tuple(np.array(deepest).T)]  # (count, 3)
+        region_inside = np.concatenate([[False], inside_mask(vertices, faces, representatives)])
+        inside[~shell] = region_inside[regions[~shell]]
+    return inside
 
 
 def _as_igl(vertices: np.ndarray, faces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

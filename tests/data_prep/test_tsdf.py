@@ -105,3 +105,30 @@ def test_truncation_and_far_field():
     near = np.abs(radius - 0.4) < 0.1
     # A subdivided icosphere is within 0.003 of the true sphere.
     np.testing.assert_allclose(tsdf[near], (radius - 0.4)[near], atol=5e-3)
+
+
+def test_closed_meshes_take_the_region_shortcut_and_stay_equal_to_the_reference():
+    """Closed meshes query winding numbers only near the surface; the grid must not change."""
+    from shapekiln.data_prep.sources.synthetic import SyntheticSource
+    from shapekiln.data_prep.tsdf import is_closed
+
+    source = SyntheticSource(20, seed=3)
+    for item in source.items():
+        mesh = source.load(item).mesh
+        vertices = (mesh.vertices - mesh.bounds.mean(axis=0)) / np.ptp(mesh.vertices, axis=0).max() * 1.6
+        assert is_closed(vertices, mesh.faces)
+        assert np.array_equal(compute_tsdf(vertices, mesh.faces, R, TAU), tsdf_reference(vertices, mesh.faces, R, TAU))
+
+
+def test_closedness_check():
+    from shapekiln.data_prep.tsdf import is_closed
+
+    box = trimesh.creation.box()
+    assert is_closed(box.vertices, box.faces)
+    assert is_closed(two_boxes().vertices, two_boxes().faces)  # overlapping closed parts
+    assert not is_closed(open_box().vertices, open_box().faces)
+    flipped_one = box.faces.copy()
+    flipped_one[0] = flipped_one[0, ::-1]  # one face wound the other way
+    assert not is_closed(box.vertices, flipped_one)
+    split = trimesh.Trimesh(box.triangles.reshape(-1, 3), np.arange(36).reshape(-1, 3), process=False)
+    assert is_closed(split.vertices, split.faces)  # a triangle soup of a closed box, as STL stores it
