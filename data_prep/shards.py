@@ -142,6 +142,9 @@ def _prepare_out_dir(out: Path, description: dict[str, Any]) -> None:
 
 def _write_shard(out: Path, plan: ShardPlan, results: Iterator, bar: tqdm) -> tuple[list[str], list[dict[str, str]]]:
     final = out / f"{plan.name}.tar"
+    # A killed run leaves its temporary behind; this job owns the shard now, so clear it away.
+    for stale in out.glob(f".{plan.name}.tar.*.tmp"):
+        stale.unlink(missing_ok=True)
     temporary = out / f".{plan.name}.tar.{os.getpid()}.tmp"
     ids, failures = [], []
     try:

@@ -62,3 +62,34 @@ def test_quickstart_prepares_the_synthetic_set(tmp_path):
     meta = json.loads((tmp_path / "data" / "dataset.json").read_text())
     assert meta["config"]["resolution"] == 32 and meta["source_args"] == {"count": 200, "seed": 0}
     assert (tmp_path / "data" / "preview.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGKILL"])
+def test_a_killed_run_resumes_to_the_same_shards(tmp_path, signal_name):
+    """Stop a real two-worker run once its first shard is on disk, rerun it, compare with a clean run."""
+    import signal
+    import time
+
+    args = ["prep", "synthetic", "--count", 48, "--config", "tiny", "--shard-size", 4, "--workers", 2, "--no-progress"]
+    process = subprocess.Popen([sys.executable, "-m", "shapekiln.cli", *map(str, args), "--out", str(tmp_path / "run")],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list((tmp_path / "run").glob("*.tar")) and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(getattr(signal, signal_name))
+    _, err = process.communicate(timeout=60)
+    if signal_name == "SIGINT":
+        assert process.returncode == 130 and "Traceback" not in err and "rerun resumes" in err
+    finished = {p.name: p.read_bytes() for p in (tmp_path / "run").glob("*.tar")}
+    assert finished, "the run was stopped before any shard was finished"
+
+    resumed = shapekiln(*args, "--out", tmp_path / "run")
+    assert "shards already done" in resumed.stdout and " 0 shards already done" not in resumed.stdout
+    shapekiln(*args, "--out", tmp_path / "clean")
+    clean = sorted(p.name for p in (tmp_path / "clean").glob("*.tar"))
+    assert sorted(p.name for p in (tmp_path / "run").glob("*.tar")) == clean
+    for name in clean:
+        assert (tmp_path / "run" / name).read_bytes() == (tmp_path / "clean" / name).read_bytes()
+    for name, data in finished.items():
+        assert (tmp_path / "run" / name).read_bytes() == data
+    assert not [p for p in (tmp_path / "run").iterdir() if p.name.endswith(".tmp")], "temporary files were left"
