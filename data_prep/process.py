@@ -122,7 +122,7 @@ def prepare_sample(record: ShapeRecord, config: PrepConfig, cameras: list[Camera
     }
     sample = {
         "__key__": record.id,
-        "sdf.npy": _npy_bytes(tsdf.astype(np.float16)),
+        "sdf.npy": npy_bytes(tsdf.astype(np.float16)),
         "cameras.json": _json_bytes([camera.to_json() for camera in cameras]),
         "caption.txt": "\n".join(captions).encode(),
         "meta.json": _json_bytes(meta),
@@ -139,7 +139,7 @@ def _decimate(mesh: trimesh.Trimesh, max_faces: int) -> trimesh.Trimesh:
         raise ShapekilnError(f"could not decimate {len(mesh.faces)} faces to {max_faces}: {error}") from None
 
 
-def _npy_bytes(array: np.ndarray) -> bytes:
+def npy_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
     return buffer.getvalue()

@@ -41,6 +41,22 @@ def list_shards(data: str | Path | Sequence[str | Path], split: str = "train") -
     return shards
 
 
+def check_dataset(shards: str | Path, resolution: int, tau: float) -> None:
+    """Fail before any work when a prepared dataset's grid size or truncation is not the model's."""
+    manifest = Path(shards) / "dataset.json"
+    if not manifest.is_file():
+        return  # a glob or list of shards: the reader checks each grid's size as it reads
+    try:
+        prepared = json.loads(manifest.read_text())["config"]
+        grid, truncation = int(prepared["resolution"]), float(prepared["tau"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ShapekilnError(f"{manifest} is not a shapekiln dataset description") from None
+    if grid != resolution:
+        raise ShapekilnError(f"{shards} holds {grid}³ grids but the model expects {resolution}³; prepare the data with --resolution {resolution} or use the matching config")
+    if abs(truncation - tau) > 1e-9:
+        raise ShapekilnError(f"{shards} holds TSDFs truncated at {truncation} but the model expects tau={tau}; prepare the data with --tau {tau} or use the matching config")
+
+
 def distributed_rank() -> tuple[int, int]:
     """(rank, world size) of this process, from torch.distributed if running, else the environment."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -87,7 +103,8 @@ class ShapeShards(torch.utils.data.IterableDataset):
     """Samples from prepared shards as dicts of tensors and strings.
 
     Each sample: `id`, `category`, `caption` (one of the shape's captions, chosen by the seeded
-    rng), `captions`, `tsdf` (1, R, R, R) float32, and with `views=True` also `views`
+    rng), `captions`, `tsdf` (1, R, R, R) float32, `latent` (C, r, r, r) float32 when the shards
+    were written by `shapekiln encode`, and with `views=True` also `views`
     (K, 4, H, W) uint8 RGBA, `intrinsics` (K, 3, 3) and `world_to_camera` (K, 4, 4); with
     `partial` also `known_mask` (1, R, R, R) bool and `partial` (1, R, R, R) float32.
     """
@@ -167,6 +184,8 @@ class ShapeShards(torch.utils.data.IterableDataset):
             "caption": captions[rng.integers(len(captions))],
             "tsdf": torch.from_numpy(tsdf)[None],  # (1, R, R, R)
         }
+        if "latent.npy" in raw:
+            sample["latent"] = torch.from_numpy(np.load(io.BytesIO(raw["latent.npy"]), allow_pickle=False))  # (C, r, r, r)
         if self.views:
             cameras = json.loads(raw["cameras.json"])
             images = [np.asarray(Image.open(io.BytesIO(raw[f"view_{k}.png"])).convert("RGBA")) for k in range(len(cameras))]

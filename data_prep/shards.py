@@ -94,7 +94,7 @@ def run_prep(
     if num_shards < 1 or not 0 <= shard_index < num_shards:
         raise ShapekilnError(f"--shard-index must be in [0, {num_shards}) for --num-shards {num_shards}, got {shard_index}")
     started = time.perf_counter()
-    _prepare_out_dir(out, {"source": source.name, "source_args": source_args or {}, "config": to_dict(config)})
+    prepare_out_dir(out, {"source": source.name, "source_args": source_args or {}, "config": to_dict(config)})
     plans = [plan for k, plan in enumerate(plan_shards(source, config)) if k % num_shards == shard_index]
     if not plans:
         raise ShapekilnError(f"source {source.name} yielded no shapes for this job")
@@ -118,8 +118,11 @@ def run_prep(
     return summary
 
 
-def _prepare_out_dir(out: Path, description: dict[str, Any]) -> None:
-    """Create `out`, check it is writable, and refuse to mix datasets made with different configs."""
+def prepare_out_dir(out: Path, description: dict[str, Any]) -> None:
+    """Create `out`, check it is writable, and refuse to mix datasets made with different configs.
+
+    `description` goes to `out/dataset.json`; a directory that already has one must match it.
+    """
     try:
         (out / "index").mkdir(parents=True, exist_ok=True)
         probe = out / f".write-test-{os.getpid()}"
@@ -137,7 +140,7 @@ def _prepare_out_dir(out: Path, description: dict[str, Any]) -> None:
         if {key: existing.get(key) for key in description} != description:
             raise ShapekilnError(f"{out} holds a dataset made from another source or config; choose another --out")
         return
-    _write_atomic(manifest, json.dumps(description, indent=2, sort_keys=True).encode())
+    write_atomic(manifest, json.dumps(description, indent=2, sort_keys=True).encode())
 
 
 def _write_shard(out: Path, plan: ShardPlan, results: Iterator, bar: tqdm) -> tuple[list[str], list[dict[str, str]]]:
@@ -162,7 +165,7 @@ def _write_shard(out: Path, plan: ShardPlan, results: Iterator, bar: tqdm) -> tu
             finally:
                 writer.close()  # also on interruption, before the file closes: the temp file is removed below
         index = {"shard": final.name, "samples": ids, "failures": failures}
-        _write_atomic(out / "index" / f"{plan.name}.json", json.dumps(index, indent=1).encode())
+        write_atomic(out / "index" / f"{plan.name}.json", json.dumps(index, indent=1).encode())
         os.replace(temporary, final)
     finally:
         temporary.unlink(missing_ok=True)
@@ -175,10 +178,10 @@ def _write_failures(out: Path) -> None:
     for path in sorted((out / "index").glob("*.json")):
         if (out / f"{path.stem}.tar").exists():
             lines.extend(json.dumps(failure) for failure in json.loads(path.read_text())["failures"])
-    _write_atomic(out / "failures.jsonl", "".join(line + "\n" for line in lines).encode())
+    write_atomic(out / "failures.jsonl", "".join(line + "\n" for line in lines).encode())
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     temporary.write_bytes(data)
     os.replace(temporary, path)

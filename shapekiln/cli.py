@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from shapekiln.errors import ShapekilnError
+from shapekiln.train.options import add_train_arguments, apply_train_arguments
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -50,6 +51,33 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--count", type=int, default=6, help="shapes to show (default 6)")
     show.add_argument("--out", type=Path, help="PNG path (default DATA/preview.png)")
     show.set_defaults(run=_run_show)
+
+    train = commands.add_parser("train", help="train a model (one process; `accelerate launch -m shapekiln.train.<model>` for more)")
+    models = train.add_subparsers(dest="model", required=True, metavar="MODEL")
+    vqvae = models.add_parser("vqvae", help="the VQ-VAE on TSDF shards")
+    add_train_arguments(vqvae, "vqvae")
+    vqvae.set_defaults(run=_run_train_vqvae)
+
+    evaluate = commands.add_parser("eval", help="evaluate a trained model on prepared shards")
+    models = evaluate.add_subparsers(dest="model", required=True, metavar="MODEL")
+    vqvae = models.add_parser("vqvae", help="reconstruction IoU, Chamfer, F-score and codebook use")
+    vqvae.add_argument("--ckpt", type=Path, required=True, help="saved VQ-VAE folder (RUN/model)")
+    vqvae.add_argument("--data", type=Path, required=True, help="prepared shard directory")
+    vqvae.add_argument("--split", default="test", choices=["train", "val", "test"], help="default test")
+    vqvae.add_argument("--batch-size", type=int, default=8)
+    vqvae.add_argument("--points", type=int, default=32768, help="surface points per shape for Chamfer and F-score (default 32768)")
+    vqvae.add_argument("--limit", type=int, help="evaluate only the first N shapes")
+    vqvae.add_argument("--out", type=Path, help="also write the metrics to this JSON file")
+    vqvae.add_argument("--no-progress", action="store_true")
+    vqvae.set_defaults(run=_run_eval_vqvae)
+
+    encode = commands.add_parser("encode", help="TSDF shards → latent shards with a trained VQ-VAE")
+    encode.add_argument("--vqvae", type=Path, required=True, help="saved VQ-VAE folder (RUN/model)")
+    encode.add_argument("--data", type=Path, required=True, help="prepared shard directory")
+    encode.add_argument("--out", type=Path, required=True, help="directory for the latent shards")
+    encode.add_argument("--batch-size", type=int, default=16)
+    encode.add_argument("--no-progress", action="store_true")
+    encode.set_defaults(run=_run_encode)
 
     quick = commands.add_parser("quickstart", help="prepare the synthetic dataset (small config) and write its preview")
     quick.add_argument("--out", type=Path, default=Path("runs/quickstart/data"), help="default runs/quickstart/data")
@@ -162,6 +190,37 @@ def _write_preview(data: Path, split: str, count: int, out: Path) -> Path:
         return contact_sheet(samples, out)
     except OSError as error:
         raise ShapekilnError(f"cannot write {out}: {error.strerror or error}") from None
+
+
+def _run_train_vqvae(args: argparse.Namespace) -> int:
+    from shapekiln.config import load_config
+    from shapekiln.train.vqvae import VQVAEConfig, train
+
+    config = apply_train_arguments(load_config(VQVAEConfig, args.config, "vqvae"), args)
+    train(config, resume=args.resume, progress=not args.no_progress)
+    return 0
+
+
+def _run_eval_vqvae(args: argparse.Namespace) -> int:
+    from shapekiln.evaluate import evaluate_vqvae, format_metrics, write_json
+
+    if min(args.batch_size, args.points) < 1 or (args.limit is not None and args.limit < 1):
+        raise ShapekilnError("--batch-size, --points and --limit must be at least 1")
+    metrics = evaluate_vqvae(args.ckpt, args.data, args.split, args.batch_size, args.points, args.limit, progress=not args.no_progress)
+    print(format_metrics(metrics))
+    if args.out:
+        print(f"metrics: {write_json(args.out, metrics)}")
+    return 0
+
+
+def _run_encode(args: argparse.Namespace) -> int:
+    if args.batch_size < 1:  # before the slow imports
+        raise ShapekilnError(f"--batch-size must be at least 1, got {args.batch_size}")
+    from shapekiln.data_prep.latents import encode_shards
+
+    summary = encode_shards(args.vqvae, args.data, args.out, args.batch_size, progress=not args.no_progress)
+    print(summary.line(args.out))
+    return 0
 
 
 def _run_quickstart(args: argparse.Namespace) -> int:

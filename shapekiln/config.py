@@ -30,7 +30,11 @@ def resolve_config_path(name_or_path: str | Path, group: str) -> Path:
 
 
 def load_config(cls: type[T], name_or_path: str | Path, group: str, overrides: dict[str, Any] | None = None) -> T:
-    """Load configs/<group>/<name>.yaml (or a path) into `cls`, applying non-None overrides."""
+    """Load configs/<group>/<name>.yaml (or a path) into `cls`, applying non-None overrides.
+
+    A file must give every key (its defaults in the dataclass do not count), so a config file
+    states a whole run and a key left out by mistake is an error rather than a silent default.
+    """
     path = resolve_config_path(name_or_path, group)
     try:
         data = yaml.safe_load(path.read_text()) or {}
@@ -39,11 +43,14 @@ def load_config(cls: type[T], name_or_path: str | Path, group: str, overrides: d
     if not isinstance(data, dict):
         raise ShapekilnError(f"{path}: expected a mapping of keys to values at the top level")
     data.update({key: value for key, value in (overrides or {}).items() if value is not None})
-    return from_dict(cls, data, str(path))
+    return from_dict(cls, data, str(path), require_all=True)
 
 
-def from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
-    """Build dataclass `cls` from a dict: unknown keys, missing keys and wrong types are errors."""
+def from_dict(cls: type[T], data: dict[str, Any], where: str, require_all: bool = False) -> T:
+    """Build dataclass `cls` from a dict: unknown keys, missing keys and wrong types are errors.
+
+    A key with a default may be left out unless `require_all` (nested sections inherit it).
+    """
     fields = {field.name: field for field in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
@@ -52,10 +59,10 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
     values = {}
     for name, field in fields.items():
         if name not in data:
-            if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            if require_all or (field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING):
                 raise ShapekilnError(f"{where}: missing key {name!r}")
             continue
-        values[name] = _check_type(data[name], hints[name], f"{where}: key {name!r}")
+        values[name] = _check_type(data[name], hints[name], f"{where}: key {name!r}", require_all)
     config = cls(**values)
     validate = getattr(config, "validate", None)
     if validate is not None:
@@ -66,12 +73,12 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
     return config
 
 
-def _check_type(value: Any, hint: Any, where: str) -> Any:
+def _check_type(value: Any, hint: Any, where: str, require_all: bool = False) -> Any:
     origin = typing.get_origin(hint)
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
             raise ShapekilnError(f"{where}: expected a mapping")
-        return from_dict(hint, value, where)
+        return from_dict(hint, value, where, require_all)
     if origin is typing.Literal:
         if value not in typing.get_args(hint):
             raise ShapekilnError(f"{where}: expected one of {list(typing.get_args(hint))}, got {value!r}")

@@ -1,0 +1,294 @@
+"""The loop skeleton every trainer shares: accelerate set-up, run folder, data stream, checkpoints and
+resume, EMA, logging, and the non-finite-loss stop.
+
+A trainer (train/vqvae.py, train/ldm.py, ...) reads top to bottom: `start_run` → build the model,
+optimizer and EMA → `Run.prepare` → loop over `run.steps()` computing its loss → `run.finish`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from tqdm import tqdm
+
+from shapekiln.config import to_dict
+from shapekiln.data_prep.reader import ShapeShards, check_dataset, list_shards, make_loader
+from shapekiln.errors import ShapekilnError
+
+
+@dataclass
+class DataConfig:
+    """Where the training shards are and how they are batched (per process)."""
+
+    shards: str = "runs/quickstart/data"
+    batch_size: int = 8
+    num_workers: int = 0
+    shuffle_buffer: int = 256
+
+
+@dataclass
+class TrainConfig:
+    """Optimization, precision, logging and checkpointing; shared by every trainer."""
+
+    output_dir: str = "runs/train"
+    max_steps: int = 1000
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    lr_schedule: Literal["cosine", "constant_with_warmup", "linear"] = "cosine"
+    grad_clip: float = 1.0
+    gradient_accumulation_steps: int = 1
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    ema_decay: float = 0.999
+    seed: int = 0
+    log_every: int = 10
+    image_every: int = 500
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+
+    def validate(self) -> None:
+        if self.max_steps < 1 or self.gradient_accumulation_steps < 1:
+            raise ValueError("max_steps and gradient_accumulation_steps must be at least 1")
+        if self.lr <= 0 or not 0 <= self.ema_decay < 1:
+            raise ValueError("lr must be positive and ema_decay in [0, 1)")
+        if min(self.log_every, self.image_every, self.checkpoint_every, self.keep_checkpoints) < 1:
+            raise ValueError("log_every, image_every, checkpoint_every and keep_checkpoints must be at least 1")
+
+
+class TrainState:
+    """The step counter, saved and restored with accelerate's state (register_for_checkpointing)."""
+
+    def __init__(self) -> None:
+        self.step = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.step = int(state["step"])
+
+
+def make_accelerator(train: TrainConfig, output_dir: Path) -> Accelerator:
+    """An Accelerator that also forms a process group on a CPU-only machine (see GROUND.md)."""
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=train.mixed_precision,
+        gradient_accumulation_steps=train.gradient_accumulation_steps,
+        log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+    )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and accelerator.num_processes == 1:
+        # `accelerate launch --cpu --num_processes N` silently starts one process per rank of 1.
+        raise ShapekilnError(
+            f"WORLD_SIZE is {launched} but this process sees 1 process; on a CPU machine launch with "
+            "`accelerate launch --multi_gpu --num_processes N -m shapekiln.train.<model> ...`"
+        )
+    return accelerator
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    steps = [(int(m.group(1)), p) for p in (output_dir / "checkpoints").glob("step-*") if (m := re.fullmatch(r"step-(\d+)", p.name))]
+    return max(steps)[1] if steps else None
+
+
+class Run:
+    """One training run: accelerator, run folder, state, data stream, checkpoints, logs."""
+
+    def __init__(self, name: str, config: Any, train: TrainConfig, resume: str | None = None, progress: bool = True):
+        self.name, self.config, self.train, self.progress = name, config, train, progress
+        self.output_dir = Path(train.output_dir)
+        self.accelerator = make_accelerator(train, self.output_dir)
+        self.state = TrainState()
+        self.resume_from = self._resume_path(resume)
+        if self.accelerator.is_main_process:
+            try:
+                self.output_dir.mkdir(parents=True, exist_ok=True)
+                (self.output_dir / "config.yaml").write_text(yaml.safe_dump(_plain(to_dict(config)), sort_keys=False))
+            except OSError as error:
+                raise ShapekilnError(f"cannot write to output directory {self.output_dir}: {error.strerror or error}") from None
+        self.accelerator.wait_for_everyone()
+        set_seed(train.seed, device_specific=True)
+        self.ema: EMAModel | None = None
+        self.last_checkpoint: Path | None = self.resume_from
+        self._bar: tqdm | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def _resume_path(self, resume: str | None) -> Path | None:
+        if resume is None:
+            return None
+        path = latest_checkpoint(self.output_dir) if resume == "latest" else Path(resume)
+        if path is None:
+            raise ShapekilnError(f"--resume latest: no checkpoint in {self.output_dir / 'checkpoints'}")
+        if not (path / "custom_checkpoint_0.pkl").exists():
+            raise ShapekilnError(f"--resume {resume}: {path} is not a checkpoint folder of this trainer")
+        return path
+
+    def prepare(self, model: torch.nn.Module, parameters: list[torch.nn.Parameter] | None = None):
+        """Optimizer, LR schedule and EMA for `model`; everything registered for save_state."""
+        train = self.train
+        parameters = parameters if parameters is not None else [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(parameters, lr=train.lr, betas=tuple(train.betas), weight_decay=train.weight_decay)
+        # The prepared scheduler steps once per process per optimizer step, so scale its horizon.
+        processes = self.accelerator.num_processes
+        scheduler = get_scheduler(
+            train.lr_schedule, optimizer, num_warmup_steps=train.warmup_steps * processes,
+            num_training_steps=train.max_steps * processes,
+        )
+        self.ema = EMAModel(model.parameters(), decay=train.ema_decay)
+        model, optimizer, scheduler = self.accelerator.prepare(model, optimizer, scheduler)
+        self.ema.to(self.device)
+        self.accelerator.register_for_checkpointing(self.state, self.ema)
+        if self.resume_from is not None:
+            try:
+                self.accelerator.load_state(str(self.resume_from))
+            except (RuntimeError, KeyError, ValueError) as error:
+                first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                raise ShapekilnError(f"cannot resume from {self.resume_from}: it was saved by another model or config ({first})") from None
+            if self.is_main:
+                print(f"resumed from {self.resume_from} at step {self.state.step}")
+        if self.is_main:
+            self.accelerator.init_trackers(self.name, config=_flat(to_dict(self.config)))
+        return model, optimizer, scheduler
+
+    def batches(self, data: DataConfig, resolution: int, tau: float, **reader_options) -> Iterator[dict[str, Any]]:
+        """An endless, seeded stream of this rank's training batches, fast-forwarded on resume
+        so a resumed run sees exactly the batches the uninterrupted run would have seen."""
+        check_dataset(data.shards, resolution, tau)
+        dataset = ShapeShards(
+            list_shards(data.shards, "train"), shuffle_buffer=data.shuffle_buffer, seed=self.train.seed, repeat=True,
+            resolution=resolution, rank=self.accelerator.process_index, world_size=self.accelerator.num_processes,
+            **reader_options,
+        )
+        iterator = iter(make_loader(dataset, batch_size=data.batch_size, num_workers=data.num_workers, drop_last=True))
+        for _ in range(self.state.step * self.train.gradient_accumulation_steps):
+            next(iterator)
+        return iterator
+
+    def steps(self) -> Iterator[int]:
+        """Optimizer steps from the current one to max_steps, with a progress bar on the main process."""
+        self._bar = tqdm(total=self.train.max_steps, initial=self.state.step, desc=self.name, unit="step", disable=not (self.is_main and self.progress))
+        self._started, self._started_step = time.perf_counter(), self.state.step
+        while self.state.step < self.train.max_steps:
+            yield self.state.step
+            self.state.step += 1
+            self._bar.update(1)
+            if self.state.step % self.train.checkpoint_every == 0 or self.state.step == self.train.max_steps:
+                self.save_checkpoint()
+        self._bar.close()
+
+    def check_finite(self, loss: torch.Tensor) -> None:
+        """Stop every rank together, before the update, if any rank's loss is NaN or infinite."""
+        finite = torch.isfinite(loss.detach()).all().float().reshape(1)
+        if self.accelerator.gather(finite).min() < 1:
+            kept = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was saved yet"
+            self.accelerator.end_training()
+            raise ShapekilnError(
+                f"the loss became NaN or infinite at step {self.state.step}; the run stopped before updating the weights and "
+                f"{kept}. Lower train.lr or raise train.warmup_steps, then --resume latest"
+            )
+
+    def log(self, values: dict[str, float], samples_per_step: int) -> None:
+        """Scalars to TensorBoard every log_every steps, and the progress bar's postfix."""
+        step = self.state.step
+        if step % self.train.log_every and step != self.train.max_steps - 1:
+            return
+        elapsed = time.perf_counter() - self._started
+        rate = (step + 1 - self._started_step) / elapsed if elapsed > 0 else 0.0
+        values = {**values, "steps_per_second": rate, "samples_per_second": rate * samples_per_step}
+        self.accelerator.log(values, step=step)
+        if self._bar is not None:
+            self._bar.set_postfix({key: f"{value:.4g}" for key, value in values.items() if key in ("loss", "samples_per_second")})
+
+    def wants_images(self) -> bool:
+        return self.is_main and (self.state.step % self.train.image_every == 0 or self.state.step == self.train.max_steps - 1)
+
+    def log_image(self, tag: str, image: Any) -> None:
+        """An (H, W, 3) uint8 image to TensorBoard."""
+        writer = self.accelerator.get_tracker("tensorboard", unwrap=True)
+        writer.add_image(tag, image, self.state.step, dataformats="HWC")
+
+    def save_checkpoint(self) -> None:
+        """accelerate's full state into checkpoints/step-N (written under a temporary name, then renamed)."""
+        final = self.output_dir / "checkpoints" / f"step-{self.state.step:07d}"
+        temporary = final.with_name(final.name + ".tmp")
+        if self.is_main and temporary.exists():
+            shutil.rmtree(temporary)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.save_state(str(temporary))  # every rank takes part
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            if final.exists():
+                shutil.rmtree(final)
+            temporary.rename(final)
+            for old in sorted((self.output_dir / "checkpoints").glob("step-???????"))[: -self.train.keep_checkpoints]:
+                shutil.rmtree(old)
+        self.last_checkpoint = final
+        self.accelerator.wait_for_everyone()
+
+    def save_model(self, model: torch.nn.Module, subdir: str = "model") -> Path:
+        """The EMA weights as a self-describing folder (config.json + safetensors), atomically."""
+        target = self.output_dir / subdir
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            unwrapped = self.accelerator.unwrap_model(model)
+            self.ema.store(unwrapped.parameters())
+            self.ema.copy_to(unwrapped.parameters())
+            temporary = target.with_name(target.name + ".tmp")
+            if temporary.exists():
+                shutil.rmtree(temporary)
+            unwrapped.save_pretrained(str(temporary))
+            self.ema.restore(unwrapped.parameters())
+            if target.exists():
+                shutil.rmtree(target)
+            temporary.rename(target)
+        self.accelerator.wait_for_everyone()
+        return target
+
+    def finish(self) -> None:
+        # Without this barrier, two-process runs hung at exit in several trials (GROUND.md).
+        self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()
+
+
+def _plain(value: Any) -> Any:
+    """Tuples → lists so the saved YAML loads back with safe_load."""
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
+
+
+def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config → flat scalars for TensorBoard's hparams."""
+    flat = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flat(value, name + "."))
+        elif isinstance(value, (int, float, str, bool)):
+            flat[name] = value
+        else:
+            flat[name] = str(value)
+    return flat
