@@ -62,7 +62,7 @@ def encode_shards(vqvae_dir: str | Path, data: str | Path, out: str | Path, batc
         raise ShapekilnError(f"no shards found in {data}")
     if out.resolve() == data.resolve():
         raise ShapekilnError("--out must differ from --data: latent shards keep the input shards' names")
-    prepare_out_dir(out, {**source, "latents": {"vqvae": _fingerprint(vqvae_dir), "vqvae_config": _public(model.config),
+    prepare_out_dir(out, {**source, "latents": {"vqvae": vqvae_fingerprint(vqvae_dir), "vqvae_config": _public(model.config),
                                                  "shape": list(model.latent_shape)}})
 
     for stale in out.glob(".*.tar.*.tmp"):
@@ -98,7 +98,7 @@ def _read_manifest(data: Path) -> dict[str, Any]:
     return description
 
 
-def _fingerprint(vqvae_dir: Path) -> str:
+def vqvae_fingerprint(vqvae_dir: Path) -> str:
     """SHA-256 of the weights: a rerun into the same --out must use the same model, wherever it lies."""
     digest = hashlib.sha256()
     for path in sorted(vqvae_dir.glob("*.safetensors")):

@@ -180,6 +180,7 @@ class ShapeShards(torch.utils.data.IterableDataset):
         sample: dict[str, Any] = {
             "id": key,
             "category": meta.get("category", "unknown"),
+            "attributes": meta.get("attributes", {}),
             "captions": captions,
             "caption": captions[rng.integers(len(captions))],
             "tsdf": torch.from_numpy(tsdf)[None],  # (1, R, R, R)

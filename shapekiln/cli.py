@@ -58,6 +58,32 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_arguments(vqvae, "vqvae")
     vqvae.set_defaults(run=_run_train_vqvae)
 
+    ldm = models.add_parser("ldm", help="the latent diffusion model on latent shards (from `shapekiln encode`)")
+    add_train_arguments(ldm, "ldm")
+    ldm.add_argument("--vqvae", help="the VQ-VAE folder the latents were encoded with (overrides vqvae)")
+    ldm.set_defaults(run=_run_train_ldm)
+
+    sample = commands.add_parser("sample", help="generate shapes from text and/or an image")
+    sample.add_argument("--ckpt", type=Path, required=True, help="saved pipeline folder (RUN/pipeline)")
+    sample.add_argument("--text", help="the prompt")
+    sample.add_argument("--image", type=Path, help="an image of the object (PNG, JPEG, ...)")
+    sample.add_argument("--w-text", type=float, help="text guidance weight (default: the pipeline's, 3)")
+    sample.add_argument("--w-image", type=float, help="image guidance weight")
+    _add_sampling_options(sample)
+    sample.set_defaults(run=_run_sample)
+
+    complete = commands.add_parser("complete", help="complete a partial shape (mesh, point cloud or TSDF .npy)")
+    complete.add_argument("input", type=Path, help="the partial shape: a mesh, a point cloud (.ply/.xyz) or a TSDF .npy")
+    complete.add_argument("--ckpt", type=Path, required=True, help="saved pipeline folder (RUN/pipeline)")
+    complete.add_argument("--keep", default="z<0", help="known region: a half-space (z<0, x>0.1), box:x0,y0,z0,x1,y1,z1, or observed (point clouds); default z<0")
+    complete.add_argument("--normalize", action="store_true", help="fit the input into [-1, 1]³ as data preparation does")
+    complete.add_argument("--mode", choices=["learned", "inpaint"], default="learned", help="learned partial condition (default) or SDFusion's training-free latent inpainting")
+    complete.add_argument("--text", help="also condition on a prompt")
+    complete.add_argument("--w-partial", type=float, help="partial-shape guidance weight")
+    complete.add_argument("--w-text", type=float, help="text guidance weight")
+    _add_sampling_options(complete)
+    complete.set_defaults(run=_run_complete)
+
     evaluate = commands.add_parser("eval", help="evaluate a trained model on prepared shards")
     models = evaluate.add_subparsers(dest="model", required=True, metavar="MODEL")
     vqvae = models.add_parser("vqvae", help="reconstruction IoU, Chamfer, F-score and codebook use")
@@ -85,6 +111,23 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument("--workers", type=int, default=2)
     quick.set_defaults(run=_run_quickstart)
     return parser
+
+
+def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--n", type=int, default=4, help="number of shapes (default 4)")
+    parser.add_argument("--steps", type=int, help="denoising steps (default: the pipeline's)")
+    parser.add_argument("--scheduler", choices=["ddim", "dpm++", "ddpm"], help="sampler (default: the pipeline's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("samples"), help="output directory (default samples/)")
+    parser.add_argument("--formats", default="obj,glb,ply", help="mesh formats to write (default obj,glb,ply)")
+    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def _device(args: argparse.Namespace) -> str:
+    import torch
+
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _add_prep_options(parser: argparse.ArgumentParser) -> None:
@@ -198,6 +241,81 @@ def _run_train_vqvae(args: argparse.Namespace) -> int:
 
     config = apply_train_arguments(load_config(VQVAEConfig, args.config, "vqvae"), args)
     train(config, resume=args.resume, progress=not args.no_progress)
+    return 0
+
+
+def _run_train_ldm(args: argparse.Namespace) -> int:
+    from shapekiln.train.ldm import config_from_args, train
+
+    train(config_from_args(args), resume=args.resume, progress=not args.no_progress)
+    return 0
+
+
+def _check_sampling_args(args: argparse.Namespace) -> list[str]:
+    """Validate before the slow imports; return the mesh formats."""
+    if args.n < 1:
+        raise ShapekilnError(f"--n must be at least 1, got {args.n}")
+    if args.steps is not None and args.steps < 1:
+        raise ShapekilnError(f"--steps must be at least 1, got {args.steps}")
+    formats = [fmt.strip().lower() for fmt in args.formats.split(",") if fmt.strip()]
+    unknown = set(formats) - {"obj", "glb", "ply"}
+    if unknown:
+        raise ShapekilnError(f"--formats: unknown format {sorted(unknown)[0]!r} (choose from obj, glb, ply)")
+    return formats
+
+
+def _guidance(args: argparse.Namespace, *names: str) -> dict[str, float]:
+    return {name: getattr(args, f"w_{name}") for name in names if getattr(args, f"w_{name}", None) is not None}
+
+
+def _run_sample(args: argparse.Namespace) -> int:
+    formats = _check_sampling_args(args)
+    if args.text is None and args.image is None:
+        print("shapekiln: no --text or --image: sampling unconditionally", file=sys.stderr)
+    if args.text is not None and not args.text.strip():
+        raise ShapekilnError("--text is empty")
+    from shapekiln.sample.export import write_samples
+    from shapekiln.sample.pipeline import ShapePipeline, load_image
+
+    image = load_image(args.image) if args.image is not None else None  # a bad image fails before the model loads
+    pipeline = ShapePipeline.from_pretrained(args.ckpt, device=_device(args))
+    output = pipeline(text=args.text, image=image, guidance=_guidance(args, "text", "image"), num_samples=args.n,
+                      steps=args.steps, scheduler=args.scheduler, seed=args.seed, progress=not args.no_progress)
+    condition = {"text": args.text, "image": _image_array(image)}
+    written = write_samples([s.mesh for s in output.shapes], [s.tsdf for s in output.shapes], args.out, condition, formats)
+    print(f"sample: {len(output.shapes)} shapes → {args.out} (preview: {args.out / 'preview.png'}, {len(written)} files)")
+    return 0
+
+
+def _image_array(image: Any) -> Any:
+    if image is None:
+        return None
+    return (image[0].permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy()
+
+
+def _run_complete(args: argparse.Namespace) -> int:
+    formats = _check_sampling_args(args)
+    if args.text is not None and not args.text.strip():
+        raise ShapekilnError("--text is empty")
+    from shapekiln.sample.export import write_samples
+    from shapekiln.sample.partial import load_partial
+    from shapekiln.sample.pipeline import ShapePipeline
+
+    pipeline = ShapePipeline.from_pretrained(args.ckpt, device=_device(args))
+    partial = load_partial(args.input, pipeline.config.resolution, pipeline.config.tau, args.keep, args.normalize)
+    guidance = _guidance(args, "partial", "text")
+    if args.mode == "inpaint" and "partial" in guidance:
+        raise ShapekilnError("--w-partial applies to --mode learned; inpainting keeps the known region as it is")
+    output = pipeline(text=args.text, partial=partial.tsdf, known_mask=partial.known, guidance=guidance, num_samples=args.n,
+                      steps=args.steps, scheduler=args.scheduler, seed=args.seed, completion=args.mode, progress=not args.no_progress)
+    import numpy as np
+
+    from shapekiln.data_prep.preview import tsdf_to_mesh
+
+    kept = tsdf_to_mesh(np.where(partial.known, partial.tsdf, pipeline.config.tau))
+    condition = {"text": args.text or f"keep {args.keep}", "partial": kept}
+    written = write_samples([s.mesh for s in output.shapes], [s.tsdf for s in output.shapes], args.out, condition, formats, prefix="completion")
+    print(f"complete: {len(output.shapes)} completions → {args.out} (preview: {args.out / 'preview.png'}, {len(written)} files)")
     return 0
 
 

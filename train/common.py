@@ -13,7 +13,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import torch
 import yaml
@@ -246,8 +246,12 @@ class Run:
         self.last_checkpoint = final
         self.accelerator.wait_for_everyone()
 
-    def save_model(self, model: torch.nn.Module, subdir: str = "model") -> Path:
-        """The EMA weights as a self-describing folder (config.json + safetensors), atomically."""
+    def save_model(self, model: torch.nn.Module, subdir: str = "model",
+                   save: Callable[[torch.nn.Module, Path], Any] | None = None) -> Path:
+        """The EMA weights as a self-describing folder, written under a temporary name and renamed.
+
+        `save(unwrapped_model, folder)` writes the folder; by default `save_pretrained` (config.json + safetensors).
+        """
         target = self.output_dir / subdir
         self.accelerator.wait_for_everyone()
         if self.is_main:
@@ -257,8 +261,10 @@ class Run:
             temporary = target.with_name(target.name + ".tmp")
             if temporary.exists():
                 shutil.rmtree(temporary)
-            unwrapped.save_pretrained(str(temporary))
-            self.ema.restore(unwrapped.parameters())
+            try:
+                (save or (lambda module, folder: module.save_pretrained(str(folder))))(unwrapped, temporary)
+            finally:
+                self.ema.restore(unwrapped.parameters())
             if target.exists():
                 shutil.rmtree(target)
             temporary.rename(target)

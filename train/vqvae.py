@@ -111,16 +111,9 @@ def train(config: VQVAEConfig, resume: str | None = None, progress: bool = True)
 def side_by_side(true_tsdf: torch.Tensor, decoded_tsdf: torch.Tensor, size: int = 192) -> np.ndarray:
     """Marching-cubes renders of an input grid and its reconstruction, (size, 2*size, 3) uint8."""
     from shapekiln.data_prep.preview import tsdf_to_mesh
-    from shapekiln.data_prep.render import framing_distance, look_at_origin, render_views
+    from shapekiln.sample.export import render_shape
 
-    camera = look_at_origin(45.0, 30.0, framing_distance(40.0), size, 40.0)
-    panels = []
-    for grid in (true_tsdf, decoded_tsdf):
-        mesh = tsdf_to_mesh(grid.detach().float().cpu().numpy())
-        view = render_views(mesh, [camera])[0] if len(mesh.faces) else np.zeros((size, size, 4), np.uint8)
-        alpha = view[..., 3:] / 255.0
-        panels.append((view[..., :3] * alpha + 255 * (1 - alpha)).astype(np.uint8))
-    return np.concatenate(panels, axis=1)
+    return np.concatenate([render_shape(tsdf_to_mesh(grid.detach().float().cpu().numpy()), size) for grid in (true_tsdf, decoded_tsdf)], axis=1)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
