@@ -97,6 +97,37 @@ def build_parser() -> argparse.ArgumentParser:
     vqvae.add_argument("--no-progress", action="store_true")
     vqvae.set_defaults(run=_run_eval_vqvae)
 
+    ev = models.add_parser("ldm", help="generation MMD/COV/1-NNA-CD, text-attribute accuracy, completion UHD/TMD, image IoU/Chamfer")
+    ev.add_argument("--ckpt", type=Path, required=True, help="saved pipeline folder (RUN/pipeline)")
+    ev.add_argument("--data", type=Path, required=True, help="prepared TSDF or latent shard directory")
+    ev.add_argument("--classifier", type=Path, help="attribute classifier folder (eval train-classifier); without it text-attribute accuracy is skipped")
+    ev.add_argument("--split", default="test", choices=["train", "val", "test"])
+    ev.add_argument("--count", type=int, default=32, help="held-out shapes for MMD/COV/1-NNA (0 skips)")
+    ev.add_argument("--prompts", type=int, default=20, help="attribute prompts for text accuracy")
+    ev.add_argument("--samples-per-prompt", type=int, default=2)
+    ev.add_argument("--completion-count", type=int, default=8, help="held-out shapes to complete")
+    ev.add_argument("--completions", type=int, default=4, help="completions per shape (TMD)")
+    ev.add_argument("--image-count", type=int, default=8, help="held-out views for image conditioning")
+    ev.add_argument("--points", type=int, default=2048, help="surface points per shape")
+    ev.add_argument("--steps", type=int)
+    ev.add_argument("--scheduler", choices=["ddim", "dpm++", "ddpm"], default="ddim")
+    ev.add_argument("--guidance", type=float, help="weight for every given modality (default: the pipeline's)")
+    ev.add_argument("--generation", choices=["text", "unconditional"], default="text")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--device")
+    ev.add_argument("--out", type=Path, help="also write the metrics to this JSON file")
+    ev.add_argument("--no-progress", action="store_true")
+    ev.set_defaults(run=_run_eval_ldm)
+
+    classifier = models.add_parser("train-classifier", help="train the attribute classifier on a prepared synthetic dataset")
+    classifier.add_argument("--data", type=Path, required=True, help="prepared synthetic TSDF shards")
+    classifier.add_argument("--out", type=Path, required=True, help="folder for the classifier")
+    classifier.add_argument("--steps", type=int, default=600)
+    classifier.add_argument("--batch-size", type=int, default=32)
+    classifier.add_argument("--seed", type=int, default=0)
+    classifier.add_argument("--no-progress", action="store_true")
+    classifier.set_defaults(run=_run_eval_train_classifier)
+
     encode = commands.add_parser("encode", help="TSDF shards → latent shards with a trained VQ-VAE")
     encode.add_argument("--vqvae", type=Path, required=True, help="saved VQ-VAE folder (RUN/model)")
     encode.add_argument("--data", type=Path, required=True, help="prepared shard directory")
@@ -328,6 +359,31 @@ def _run_eval_vqvae(args: argparse.Namespace) -> int:
     print(format_metrics(metrics))
     if args.out:
         print(f"metrics: {write_json(args.out, metrics)}")
+    return 0
+
+
+def _run_eval_ldm(args: argparse.Namespace) -> int:
+    from shapekiln.evaluate import evaluate_ldm, format_metrics, write_json
+
+    metrics = evaluate_ldm(args.ckpt, args.data, args.classifier, split=args.split, count=args.count, prompts=args.prompts,
+                           samples_per_prompt=args.samples_per_prompt, completion_count=args.completion_count,
+                           completions=args.completions, image_count=args.image_count, points=args.points, steps=args.steps,
+                           scheduler=args.scheduler, guidance=args.guidance, generation=args.generation, seed=args.seed,
+                           device=args.device, progress=not args.no_progress)
+    print(format_metrics(metrics))
+    if args.out:
+        print(f"metrics: {write_json(args.out, metrics)}")
+    return 0
+
+
+def _run_eval_train_classifier(args: argparse.Namespace) -> int:
+    if args.steps < 1 or args.batch_size < 1:
+        raise ShapekilnError("--steps and --batch-size must be at least 1")
+    from shapekiln.models.attributes import train_attribute_classifier
+
+    out = train_attribute_classifier(args.data, args.out, steps=args.steps, batch_size=args.batch_size, seed=args.seed,
+                                     progress=not args.no_progress)
+    print(f"attribute classifier: saved {out} (validation accuracy in {out / 'accuracy.json'})")
     return 0
 
 

@@ -91,3 +91,89 @@ def reconstruction_metrics(predicted: np.ndarray, target: np.ndarray, points: in
         "chamfer_l2": cd_l2,
         "f_score": f_score(predicted_points, target_points, threshold),
     }
+
+
+# ---------------------------------------------------------------- sets of shapes (generation and completion)
+#
+# The standard set metrics of PointFlow (Yang et al. 2019), SDFusion and MPC (Wu et al. 2020), all
+# with the Chamfer-L1 of `chamfer_distance` between point sets in the unit cube.
+
+
+def pairwise_chamfer(a: list[np.ndarray], b: list[np.ndarray]) -> np.ndarray:
+    """(len(a), len(b)) matrix of Chamfer-L1 (as `chamfer_distance`) between every cloud of a and of b.
+
+    Each cloud's KD-tree is built once. When `b is a` only one triangle is computed (the matrix is
+    symmetric with a zero diagonal).
+    """
+    symmetric = b is a
+    trees_a = [cKDTree(points) if len(points) else None for points in a]
+    trees_b = trees_a if symmetric else [cKDTree(points) if len(points) else None for points in b]
+    matrix = np.zeros((len(a), len(b)))
+    for i, (points_a, tree_a) in enumerate(zip(a, trees_a)):
+        for j in range(i + 1 if symmetric else 0, len(b)):
+            points_b, tree_b = b[j], trees_b[j]
+            if tree_a is None or tree_b is None:
+                matrix[i, j] = chamfer_distance(points_a, points_b)[0]  # the empty-set convention
+            else:
+                matrix[i, j] = (tree_b.query(points_a)[0].mean() + tree_a.query(points_b)[0].mean()) / 2.0
+    if symmetric:
+        matrix += matrix.T
+    return matrix
+
+
+def mmd_cov(generated: list[np.ndarray], reference: list[np.ndarray]) -> tuple[float, float]:
+    """(MMD-CD, COV-CD) of generated point clouds against reference ones.
+
+    MMD: the mean over reference shapes of the distance to their closest generated shape (fidelity).
+    COV: the fraction of reference shapes that are the closest reference of at least one generated
+    shape (coverage; a tie goes to the first reference).
+    """
+    if not generated or not reference:
+        raise ValueError("MMD and COV need at least one generated and one reference shape")
+    distances = pairwise_chamfer(generated, reference)  # (G, R)
+    mmd = float(distances.min(axis=0).mean())
+    covered = np.unique(distances.argmin(axis=1))
+    return mmd, float(len(covered) / len(reference))
+
+
+def one_nna(generated: list[np.ndarray], reference: list[np.ndarray]) -> float:
+    """1-NNA-CD: leave-one-out accuracy of the 1-nearest-neighbour classifier telling generated from
+    reference shapes over their union. 0.5 is ideal (indistinguishable); 1.0 is worst (two separate
+    clusters); below 0.5 means each shape's nearest neighbour is in the other set (copies of it).
+
+    Ties: a shape whose nearest same-set and nearest other-set distances are equal counts as half
+    right, so sets of identical shapes score 0.5, and a set against an exact copy of itself (distinct
+    shapes) scores 0.0.
+    """
+    if len(generated) + len(reference) < 3 or not generated or not reference:
+        raise ValueError("1-NNA needs shapes in both sets and at least three in all")
+    union = list(generated) + list(reference)
+    distances = pairwise_chamfer(union, union)
+    np.fill_diagonal(distances, np.inf)
+    is_generated = np.arange(len(union)) < len(generated)
+    correct = 0.0
+    for i in range(len(union)):
+        same = distances[i, is_generated == is_generated[i]].min()
+        other = distances[i, is_generated != is_generated[i]].min()
+        correct += 1.0 if same < other else 0.5 if same == other else 0.0
+    return correct / len(union)
+
+
+def unidirectional_hausdorff(partial_points: np.ndarray, completion_points: np.ndarray) -> float:
+    """UHD (fidelity of a completion): the largest distance from a point of the partial input to the
+    completion. 0 when the completion contains the input; an empty completion costs the unit-cube
+    diagonal, an empty input nothing."""
+    if len(partial_points) == 0:
+        return 0.0
+    if len(completion_points) == 0:
+        return UNIT_CUBE_DIAGONAL
+    return float(cKDTree(completion_points).query(partial_points)[0].max())
+
+
+def total_mutual_difference(completions: list[np.ndarray]) -> float:
+    """TMD (diversity of completions of one input, MPC): for each completion, the mean Chamfer-L1
+    to the other ones; summed over the completions. 0 when all are the same."""
+    if len(completions) < 2:
+        raise ValueError("TMD needs at least two completions")
+    distances = pairwise_chamfer(completions, completions)
+    return float((distances.sum(axis=1) / (len(completions) - 1)).sum())

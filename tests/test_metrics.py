@@ -12,9 +12,14 @@ from shapekiln.metrics import (
     chamfer_distance,
     codebook_usage,
     f_score,
+    mmd_cov,
     occupancy_iou,
+    one_nna,
+    pairwise_chamfer,
     reconstruction_metrics,
     surface_points,
+    total_mutual_difference,
+    unidirectional_hausdorff,
 )
 
 
@@ -205,3 +210,97 @@ def test_reconstruction_of_a_smaller_sphere():
     assert metrics["iou"] == occupancy_iou(inner, outer)
     assert metrics["chamfer_l1"] == pytest.approx(0.1, abs=0.005)  # half the radius gap, as above
     assert metrics["f_score"] == 0.0  # gap 0.1 ≫ threshold 0.01
+
+
+# set metrics: pairwise_chamfer, mmd_cov, one_nna, unidirectional_hausdorff, total_mutual_difference
+#
+# Mostly on one-point "shapes" on the x axis, where the Chamfer-L1 of two of them is just the gap |x1 - x2|.
+
+
+def dots(*xs):
+    return [np.array([[x, 0.0, 0.0]]) for x in xs]
+
+
+def test_pairwise_chamfer_by_hand_and_against_chamfer_distance():
+    two = np.array([[0.0, 0, 0], [1.0, 0, 0]])
+    origin = np.array([[0.0, 0, 0]])
+    # two → origin: (0 + 1) / 2; origin → two: 0; Chamfer-L1 is the mean of the two directions.
+    assert pairwise_chamfer([two], [origin]) == pytest.approx(np.array([[0.25]]))
+    assert pairwise_chamfer([origin], [np.array([[0.3, 0.4, 0.0]])]) == pytest.approx(np.array([[0.5]]))
+    clouds = [sphere_points(r, 300, seed=k) for k, r in enumerate((0.3, 0.5, 0.6))]
+    matrix = pairwise_chamfer(clouds, clouds)
+    assert matrix.shape == (3, 3) and np.array_equal(matrix, matrix.T) and np.all(np.diag(matrix) == 0)
+    other = pairwise_chamfer(clouds[:2], clouds)  # not the same list object: every entry computed
+    for i in range(2):
+        for j in range(3):
+            assert other[i, j] == pytest.approx(chamfer_distance(clouds[i], clouds[j])[0])
+            assert matrix[i, j] == pytest.approx(other[i, j])
+    # The empty-surface convention of chamfer_distance holds here too.
+    assert pairwise_chamfer([np.zeros((0, 3))], [origin, np.zeros((0, 3))]) == pytest.approx(np.array([[math.sqrt(3), 0.0]]))
+
+
+def test_mmd_and_cov_of_a_set_against_itself():
+    clouds = [sphere_points(r, 200, seed=k) for k, r in enumerate((0.3, 0.5, 0.7))]
+    assert mmd_cov(clouds, clouds) == (0.0, 1.0)
+
+
+def test_mmd_and_cov_by_hand():
+    # Reference at 0, 1, 2; generated at 0.1, 0.2. Each reference's closest generated shape is 0.1, 0.8
+    # and 1.8 away: MMD 0.9. Both generated shapes are closest to reference 0: COV 1/3.
+    mmd, cov = mmd_cov(dots(0.1, 0.2), dots(0.0, 1.0, 2.0))
+    assert mmd == pytest.approx(0.9) and cov == pytest.approx(1 / 3)
+    # Mode collapse onto one reference shape lowers COV but not that shape's MMD term.
+    assert mmd_cov(dots(1.0, 1.0, 1.0), dots(0.0, 1.0, 2.0)) == pytest.approx((2 / 3, 1 / 3))
+
+
+def test_one_nna_of_well_separated_sets_is_one():
+    assert one_nna(dots(0.0, 0.1, 0.2), dots(10.0, 10.1, 10.2)) == 1.0
+
+
+def test_one_nna_by_hand():
+    # gen 0, 0.1: nearest is the other generated one (0.1) → right; gen 5: ref 5.3 is nearer → wrong;
+    # ref 0.5: gen 0.1 is nearer → wrong; ref 5.3, 5.4: each other (0.1) → right. 4 of 6.
+    assert one_nna(dots(0.0, 0.1, 5.0), dots(0.5, 5.3, 5.4)) == pytest.approx(4 / 6)
+
+
+def test_one_nna_ties_count_half():
+    # gen 0: gen 2 (2) beats ref 4 → right. gen 2: gen 0 and ref 4 both 2 away → tie, half.
+    # ref 4: gen 2 (2) beats ref 10 (6) → wrong. ref 10: ref 4 (6) beats gen 2 (8) → right.
+    assert one_nna(dots(0.0, 2.0), dots(4.0, 10.0)) == pytest.approx((1 + 0.5 + 0 + 1) / 4)
+    # A copy of the reference set (distinct shapes): every nearest neighbour is the twin in the other set.
+    assert one_nna(dots(0.0, 1.0, 3.0), dots(0.0, 1.0, 3.0)) == 0.0
+    # All shapes the same: every shape ties, so the classifier is right half of the time: the ideal 0.5.
+    assert one_nna(dots(1.0, 1.0), dots(1.0, 1.0)) == 0.5
+
+
+def test_one_nna_needs_both_sets():
+    with pytest.raises(ValueError):
+        one_nna(dots(0.0, 1.0), [])
+
+
+def test_unidirectional_hausdorff_by_hand():
+    partial = np.array([[0.0, 0, 0], [1.0, 0, 0]])
+    assert unidirectional_hausdorff(partial, np.array([[0.0, 0, 0], [1.0, 0, 0], [5.0, 5, 5]])) == 0.0  # a superset
+    assert unidirectional_hausdorff(partial, np.array([[0.0, 0, 0]])) == 1.0  # (1, 0, 0) is 1 from the completion
+    assert unidirectional_hausdorff(partial, np.array([[0.0, 0, 0], [0.5, 0, 0]])) == 0.5
+    # Only from the partial input to the completion: extra completed parts cost nothing.
+    assert unidirectional_hausdorff(np.array([[0.0, 0, 0]]), partial) == 0.0
+    assert unidirectional_hausdorff(partial, np.zeros((0, 3))) == pytest.approx(math.sqrt(3))
+    assert unidirectional_hausdorff(np.zeros((0, 3)), partial) == 0.0
+
+
+def test_unidirectional_hausdorff_of_a_kept_half_is_zero():
+    sphere = sphere_points(0.6, 3000, seed=0)
+    kept_half = sphere[sphere[:, 2] < 0.5]
+    assert 0 < len(kept_half) < len(sphere)
+    assert unidirectional_hausdorff(kept_half, sphere) == 0.0
+
+
+def test_total_mutual_difference_by_hand():
+    cloud = sphere_points(0.5, 300, seed=0)
+    assert total_mutual_difference([cloud, cloud.copy(), cloud.copy()]) == 0.0
+    assert total_mutual_difference(dots(0.0, 0.3)) == pytest.approx(0.6)  # each is 0.3 from the other
+    # 0, 1, 3: mean gap to the others 2, 1.5 and 2.5.
+    assert total_mutual_difference(dots(0.0, 1.0, 3.0)) == pytest.approx(6.0)
+    with pytest.raises(ValueError):
+        total_mutual_difference(dots(0.0))

@@ -180,9 +180,12 @@ class Run:
             resolution=resolution, rank=self.accelerator.process_index, world_size=self.accelerator.num_processes,
             **reader_options,
         )
-        iterator = iter(make_loader(dataset, batch_size=data.batch_size, num_workers=data.num_workers, drop_last=True))
-        for _ in range(self.state.step * self.train.gradient_accumulation_steps):
-            next(iterator)
+        # important! creating a DataLoader iterator draws a seed from torch's global RNG; keep that draw
+        # (and the fast-forward) off the RNG that load_state restored, or a resumed run drifts.
+        with torch.random.fork_rng(devices=[]):
+            iterator = iter(make_loader(dataset, batch_size=data.batch_size, num_workers=data.num_workers, drop_last=True))
+            for _ in range(self.state.step * self.train.gradient_accumulation_steps):
+                next(iterator)
         return iterator
 
     def steps(self) -> Iterator[int]:
