@@ -1,5 +1,6 @@
 """TSDF signs and distances on the meshes real assets look like: open, overlapping, inside-out."""
 
+import igl
 import numpy as np
 import pytest
 import trimesh
@@ -107,8 +108,8 @@ def test_truncation_and_far_field():
     np.testing.assert_allclose(tsdf[near], (radius - 0.4)[near], atol=5e-3)
 
 
-def test_closed_meshes_take_the_region_shortcut_and_stay_equal_to_the_reference():
-    """Closed meshes query winding numbers only near the surface; the grid must not change."""
+def test_closed_synthetic_meshes_stay_equal_to_the_reference():
+    """Closed meshes take their signs from crossing counts alone; the grid must not change."""
     from shapekiln.data_prep.sources.synthetic import SyntheticSource
     from shapekiln.data_prep.tsdf import is_closed
 
@@ -132,3 +133,230 @@ def test_closedness_check():
     assert not is_closed(box.vertices, flipped_one)
     split = trimesh.Trimesh(box.triangles.reshape(-1, 3), np.arange(36).reshape(-1, 3), process=False)
     assert is_closed(split.vertices, split.faces)  # a triangle soup of a closed box, as STL stores it
+
+
+# ----------------------------------------------------------------------------------------------
+# compute_tsdf against tsdf_reference on the meshes its shortcuts are most likely to get wrong
+
+
+def assert_equal_to_reference(vertices, faces, resolution=R, **kwargs):
+    """Same grid as the direct libigl method: no sign differs, no band value differs, nothing else differs."""
+    fast = compute_tsdf(vertices, faces, resolution, TAU, **kwargs)
+    reference = tsdf_reference(vertices, faces, resolution, TAU)
+    band = np.abs(reference) < TAU
+    mismatched = int(((fast < 0) != (reference < 0)).sum())
+    assert mismatched == 0, f"{mismatched} voxels with the wrong sign"
+    assert not band.any() or np.abs(fast - reference)[band].max() == 0.0
+    assert np.array_equal(fast, reference)
+    return fast
+
+
+def normalized(vertices: np.ndarray, extent: float = 0.8) -> np.ndarray:
+    vertices = np.asarray(vertices, dtype=float)
+    vertices = vertices - (vertices.max(axis=0) + vertices.min(axis=0)) / 2.0
+    return vertices / np.abs(vertices).max() * extent
+
+
+def open_cylinder() -> tuple[np.ndarray, np.ndarray]:
+    """A tube: the side of a cylinder without its two caps."""
+    cylinder = trimesh.creation.cylinder(0.3, 1.0, sections=32)
+    side = np.abs(cylinder.face_normals[:, 2]) < 0.5
+    return normalized(cylinder.vertices), cylinder.faces[side]
+
+
+def bowl(flip: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The lower half of a sphere: one big hole."""
+    sphere = trimesh.creation.icosphere(subdivisions=3)
+    faces = sphere.faces[sphere.triangles_center[:, 2] < 0.05]
+    return normalized(sphere.vertices), faces[:, ::-1] if flip else faces
+
+
+def holed_sphere(seed: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """An icosphere with a random `fraction` of its faces removed: holes of every size."""
+    sphere = trimesh.creation.icosphere(subdivisions=3)
+    keep = np.random.default_rng(seed).random(len(sphere.faces)) >= fraction
+    return normalized(sphere.vertices), sphere.faces[keep]
+
+
+def box_missing_faces(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    box = trimesh.creation.box()
+    rng = np.random.default_rng(seed)
+    keep = np.ones(12, dtype=bool)
+    keep[rng.choice(12, size=rng.integers(1, 4), replace=False)] = False
+    return normalized(box.vertices, rng.uniform(0.3, 0.9)), box.faces[keep]
+
+
+def random_triangles(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A soup of unconnected, intersecting triangles."""
+    rng = np.random.default_rng(seed)
+    count = int(rng.integers(5, 60))
+    return rng.uniform(-0.9, 0.9, size=(3 * count, 3)), np.arange(3 * count).reshape(-1, 3)
+
+
+def randomly_flipped(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A closed sphere with 10% of its faces wound the wrong way: closed, but not consistently."""
+    sphere = trimesh.creation.icosphere(subdivisions=2)
+    faces = sphere.faces.copy()
+    flip = np.random.default_rng(seed).random(len(faces)) < 0.1
+    faces[flip] = faces[flip][:, ::-1]
+    return normalized(sphere.vertices), faces
+
+
+def two_open_spheres() -> tuple[np.ndarray, np.ndarray]:
+    """Two overlapping spheres, each cut open: holes inside the other part."""
+    a = trimesh.creation.icosphere(subdivisions=2, radius=0.5)
+    b = trimesh.creation.icosphere(subdivisions=2, radius=0.4)
+    b.apply_translation((0.3, 0.1, 0.0))
+    parts = [trimesh.Trimesh(a.vertices, a.faces[a.triangles_center[:, 0] < 0.3]),
+             trimesh.Trimesh(b.vertices, b.faces[b.triangles_center[:, 1] > 0.0])]
+    mesh = trimesh.util.concatenate(parts)
+    return normalized(mesh.vertices), mesh.faces
+
+
+def seam_split_sphere() -> tuple[np.ndarray, np.ndarray]:
+    """A closed sphere stored as a triangle soup (every face with its own vertices, as STL does)."""
+    sphere = trimesh.creation.icosphere(subdivisions=2)
+    return normalized(sphere.triangles.reshape(-1, 3)), np.arange(3 * len(sphere.faces)).reshape(-1, 3)
+
+
+def past_the_grid(closed: bool) -> tuple[np.ndarray, np.ndarray]:
+    """A sphere of radius 1.1: it leaves the [-1, 1]³ grid."""
+    sphere = trimesh.creation.icosphere(subdivisions=3, radius=1.1)
+    return sphere.vertices, sphere.faces if closed else sphere.faces[sphere.triangles_center[:, 2] < 0.5]
+
+
+def degenerate_faces() -> tuple[np.ndarray, np.ndarray]:
+    """A closed sphere plus collapsed and duplicated faces."""
+    sphere = trimesh.creation.icosphere(subdivisions=2)
+    faces = np.concatenate([sphere.faces, [[0, 0, 1], [2, 3, 2]], sphere.faces[:5]])
+    return normalized(sphere.vertices), faces
+
+
+OPEN_CASES = {
+    "open box": lambda: (open_box().vertices, open_box().faces),
+    "open cylinder": open_cylinder,
+    "bowl": bowl,
+    "bowl wound inward": lambda: bowl(flip=True),
+    **{f"sphere, {fraction:.0%} of faces removed, seed {seed}": (lambda s=seed, f=fraction: holed_sphere(s, f))
+       for seed, fraction in [(0, 0.01), (1, 0.05), (2, 0.2), (3, 0.5)]},
+    **{f"box missing faces, seed {seed}": (lambda s=seed: box_missing_faces(s)) for seed in range(3)},
+    **{f"random triangles, seed {seed}": (lambda s=seed: random_triangles(s)) for seed in range(3)},
+    "randomly flipped faces": lambda: randomly_flipped(0),
+    "two overlapping open spheres": two_open_spheres,
+    "single triangle": lambda: (np.array([[-0.7, -0.6, 0.1], [0.8, -0.5, -0.2], [0.0, 0.7, 0.3]]), np.array([[0, 1, 2]])),
+    "open sphere past the grid": lambda: past_the_grid(closed=False),
+}
+
+CLOSED_CASES = {
+    "seam-split sphere": seam_split_sphere,
+    "closed sphere past the grid": lambda: past_the_grid(closed=True),
+    "collapsed and duplicated faces": degenerate_faces,
+    "intersecting boxes": lambda: (two_boxes().vertices, two_boxes().faces),
+    "flipped box": lambda: (flipped_box().vertices, flipped_box().faces),
+}
+
+
+@pytest.mark.parametrize("name", OPEN_CASES)
+def test_open_and_inconsistent_meshes_equal_the_reference(name):
+    vertices, faces = OPEN_CASES[name]()
+    assert_equal_to_reference(vertices, faces)
+
+
+@pytest.mark.parametrize("name", CLOSED_CASES)
+def test_awkward_closed_meshes_equal_the_reference(name):
+    vertices, faces = CLOSED_CASES[name]()
+    assert_equal_to_reference(vertices, faces)
+
+
+def on_voxel_lattice(value_index: int, resolution: int = 64) -> float:
+    return -1.0 + (value_index + 0.5) * 2.0 / resolution
+
+
+@pytest.mark.parametrize("layout", ["corners on columns", "corners on voxel centers", "rotated 45°", "octahedron on columns"])
+def test_rays_through_edges_and_vertices_equal_the_reference(layout):
+    """Meshes whose edges and vertices lie exactly on the scanline rays (and on voxel centers)."""
+    box = trimesh.creation.box()
+    c = on_voxel_lattice(48)  # a voxel-center coordinate at R = 64
+    if layout == "corners on columns":
+        fine = box.subdivide().subdivide()
+        vertices, faces = fine.vertices * (2 * c, 2 * c, 0.77), fine.faces
+    elif layout == "corners on voxel centers":
+        vertices, faces = box.vertices * 2 * c, box.faces
+    elif layout == "rotated 45°":
+        rotated = trimesh.creation.box((1.0, 1.0, 0.77))
+        rotated.apply_transform(trimesh.transformations.rotation_matrix(np.pi / 4, (0, 0, 1)))
+        rotated = rotated.subdivide().subdivide()
+        vertices, faces = rotated.vertices, rotated.faces
+    else:
+        a, m, b = on_voxel_lattice(16), on_voxel_lattice(32), on_voxel_lattice(48)
+        vertices = np.array([[b, m, 0.01], [a, m, 0.01], [m, b, 0.01], [m, a, 0.01], [m, m, 0.7], [m, m, -0.7]])
+        faces = np.array([[0, 2, 4], [2, 1, 4], [1, 3, 4], [3, 0, 4], [2, 0, 5], [1, 2, 5], [3, 1, 5], [0, 3, 5]])
+    assert_equal_to_reference(vertices, faces, resolution=64)
+
+
+def test_crossing_counts_are_the_exact_winding_number_where_trusted():
+    """The scanline pass against libigl's exact winding number, on closed meshes with rays through edges."""
+    from shapekiln.data_prep.tsdf import _crossing_counts
+
+    rotated = trimesh.creation.box((1.0, 1.0, 0.77))
+    rotated.apply_transform(trimesh.transformations.rotation_matrix(np.pi / 4, (0, 0, 1)))
+    for mesh in (rotated.subdivide(), two_boxes(), flipped_box(), trimesh.creation.icosphere(3, 0.7)):
+        counts, reliable = _crossing_counts(np.asarray(mesh.vertices, float), np.asarray(mesh.faces, np.int64), R)
+        exact = np.rint(igl.winding_number(np.asarray(mesh.vertices, float), np.asarray(mesh.faces, np.int64), grid_points(R)))
+        assert reliable.mean() > 0.95
+        assert np.array_equal(counts[reliable], exact.reshape(R, R, R)[reliable])
+
+
+@pytest.mark.parametrize("resolution, coarsest", [(30, 16), (33, 16), (48, 8), (32, 12), (32, 1)])
+def test_any_resolution_and_block_size(resolution, coarsest):
+    vertices, faces = holed_sphere(4, 0.05)
+    assert_equal_to_reference(vertices, faces, resolution=resolution, coarsest=coarsest)
+
+
+def count_winding_queries(monkeypatch) -> list[int]:
+    from shapekiln.data_prep import tsdf
+
+    sizes: list[int] = []
+    original = tsdf._FastWinding.__call__
+
+    def counting(self, points):
+        sizes.append(len(points))
+        return original(self, points)
+
+    monkeypatch.setattr(tsdf._FastWinding, "__call__", counting)
+    return sizes
+
+
+def test_closed_meshes_need_no_winding_queries(monkeypatch):
+    sizes = count_winding_queries(monkeypatch)
+    sphere = trimesh.creation.icosphere(subdivisions=3, radius=0.7)
+    assert_equal_to_reference(sphere.vertices, sphere.faces, resolution=48)
+    assert sum(sizes) == 0
+
+
+def test_open_meshes_query_few_winding_numbers(monkeypatch):
+    """A sphere with a small hole: the caps and Biot-Savart bounds settle almost every voxel."""
+    sizes = count_winding_queries(monkeypatch)
+    sphere = trimesh.creation.icosphere(subdivisions=4, radius=0.7)
+    keep = sphere.triangles_center[:, 2] < 0.65  # a hole of radius ~0.25 at the top
+    assert_equal_to_reference(sphere.vertices, sphere.faces[keep], resolution=48)
+    assert 0 < sum(sizes) < 0.1 * 48**3
+
+
+def test_distance_queries_stay_near_the_band(monkeypatch):
+    """Every voxel is queried at most once, and few voxels beyond the band are."""
+    from shapekiln.data_prep import tsdf
+
+    queried: list[int] = []
+    original = tsdf._distances
+
+    def counting(vertices, faces, points, cap):
+        queried.append(len(points))
+        return original(vertices, faces, points, cap)
+
+    monkeypatch.setattr(tsdf, "_distances", counting)
+    sphere = trimesh.creation.icosphere(subdivisions=3, radius=0.5)
+    fast = assert_equal_to_reference(sphere.vertices, sphere.faces, resolution=64)
+    band = int((np.abs(fast) < TAU).sum())
+    assert len(queried) == 2 and queried[0] == 17**3  # the coarse lattice, then the band
+    assert band <= queried[1] < 1.25 * band
