@@ -15,7 +15,7 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 import numpy as np
 import torch
@@ -105,7 +105,9 @@ class ShapeShards(torch.utils.data.IterableDataset):
     Each sample: `id`, `category`, `caption` (one of the shape's captions, chosen by the seeded
     rng), `captions`, `tsdf` (1, R, R, R) float32, `latent` (C, r, r, r) float32 when the shards
     were written by `shapekiln encode`, and with `views=True` also `views`
-    (K, 4, H, W) uint8 RGBA, `intrinsics` (K, 3, 3) and `world_to_camera` (K, 4, 4); with
+    (K, 4, H, W) uint8 RGBA, `intrinsics` (K, 3, 3) and `world_to_camera` (K, 4, 4) (with
+    `views="one"` the same for one view drawn by the seeded rng, K = 1: a trainer that wants one
+    random view per step decodes one PNG instead of K); with
     `partial` also `known_mask` (1, R, R, R) bool and `partial` (1, R, R, R) float32.
     """
 
@@ -116,7 +118,7 @@ class ShapeShards(torch.utils.data.IterableDataset):
         shuffle_buffer: int = 0,
         seed: int = 0,
         repeat: bool = False,
-        views: bool = False,
+        views: bool | Literal["one"] = False,
         partial: PartialSpec | None = None,
         resolution: int | None = None,
         rank: int | None = None,
@@ -189,7 +191,9 @@ class ShapeShards(torch.utils.data.IterableDataset):
             sample["latent"] = torch.from_numpy(np.load(io.BytesIO(raw["latent.npy"]), allow_pickle=False))  # (C, r, r, r)
         if self.views:
             cameras = json.loads(raw["cameras.json"])
-            images = [np.asarray(Image.open(io.BytesIO(raw[f"view_{k}.png"])).convert("RGBA")) for k in range(len(cameras))]
+            chosen = [int(rng.integers(len(cameras)))] if self.views == "one" else range(len(cameras))
+            cameras = [cameras[k] for k in chosen]
+            images = [np.asarray(Image.open(io.BytesIO(raw[f"view_{k}.png"])).convert("RGBA")) for k in chosen]
             sample["views"] = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()  # (K, 4, H, W)
             sample["intrinsics"] = torch.tensor([camera["K"] for camera in cameras], dtype=torch.float32)
             sample["world_to_camera"] = torch.tensor([camera["world_to_camera"] for camera in cameras], dtype=torch.float32)

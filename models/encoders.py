@@ -117,11 +117,12 @@ class TextTower(_FrozenTower):
         if not texts:
             empty = torch.zeros(0, self.max_tokens, self.dim, device=device)
             return empty, torch.zeros(0, self.max_tokens, dtype=torch.bool, device=device)
-        # One string at a time: batched with others, a string's features would depend (in the last
-        # bits) on its batch-mates' padding, and a resumed run would not repeat the original exactly.
-        for text in dict.fromkeys(text for text in texts if text not in self._cache):
-            tokens, mask = self._encode([text])
-            self._cache[text] = (tokens[0].float().masked_fill(~mask[0, :, None], 0.0), mask[0])  # padding positions are zero
+        missing = list(dict.fromkeys(text for text in texts if text not in self._cache))
+        if missing:
+            tokens, mask = self._encode(missing)
+            tokens = tokens.float().masked_fill(~mask[..., None], 0.0)  # padding positions are zero
+            for text, text_tokens, text_mask in zip(missing, tokens, mask):
+                self._cache[text] = (text_tokens, text_mask)
         entries = []
         for text in texts:
             self._cache.move_to_end(text)

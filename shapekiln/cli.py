@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from shapekiln.errors import ShapekilnError
-from shapekiln.train.options import add_train_arguments, apply_train_arguments
+from shapekiln.train.options import add_train_arguments, apply_train_arguments, time_limit_seconds
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -271,14 +271,14 @@ def _run_train_vqvae(args: argparse.Namespace) -> int:
     from shapekiln.train.vqvae import VQVAEConfig, train
 
     config = apply_train_arguments(load_config(VQVAEConfig, args.config, "vqvae"), args)
-    train(config, resume=args.resume, progress=not args.no_progress)
+    train(config, resume=args.resume, progress=not args.no_progress, time_limit=time_limit_seconds(args))
     return 0
 
 
 def _run_train_ldm(args: argparse.Namespace) -> int:
     from shapekiln.train.ldm import config_from_args, train
 
-    train(config_from_args(args), resume=args.resume, progress=not args.no_progress)
+    train(config_from_args(args), resume=args.resume, progress=not args.no_progress, time_limit=time_limit_seconds(args))
     return 0
 
 

@@ -108,8 +108,9 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
 class Run:
     """One training run: accelerator, run folder, state, data stream, checkpoints, logs."""
 
-    def __init__(self, name: str, config: Any, train: TrainConfig, resume: str | None = None, progress: bool = True):
-        self.name, self.config, self.train, self.progress = name, config, train, progress
+    def __init__(self, name: str, config: Any, train: TrainConfig, resume: str | None = None, progress: bool = True,
+                 time_limit: float | None = None):
+        self.name, self.config, self.train, self.progress, self.time_limit = name, config, train, progress, time_limit
         self.output_dir = Path(train.output_dir)
         self.accelerator = make_accelerator(train, self.output_dir)
         self.state = TrainState()
@@ -189,16 +190,31 @@ class Run:
         return iterator
 
     def steps(self) -> Iterator[int]:
-        """Optimizer steps from the current one to max_steps, with a progress bar on the main process."""
+        """Optimizer steps from the current one to max_steps, with a progress bar on the main process.
+
+        With a time limit the run also stops, checkpointed, once that many seconds have passed
+        (any rank's clock decides for all, so every rank stops at the same step); `--resume latest` continues it.
+        """
         self._bar = tqdm(total=self.train.max_steps, initial=self.state.step, desc=self.name, unit="step", disable=not (self.is_main and self.progress))
         self._started, self._started_step = time.perf_counter(), self.state.step
         while self.state.step < self.train.max_steps:
             yield self.state.step
             self.state.step += 1
             self._bar.update(1)
-            if self.state.step % self.train.checkpoint_every == 0 or self.state.step == self.train.max_steps:
+            out_of_time = self._out_of_time()
+            if out_of_time or self.state.step % self.train.checkpoint_every == 0 or self.state.step == self.train.max_steps:
                 self.save_checkpoint()
+            if out_of_time:
+                if self.is_main:
+                    print(f"{self.name}: time limit of {self.time_limit / 60:.1f} min reached at step {self.state.step} of {self.train.max_steps}")
+                break
         self._bar.close()
+
+    def _out_of_time(self) -> bool:
+        if self.time_limit is None:
+            return False
+        over = torch.tensor([time.perf_counter() - self._started > self.time_limit], dtype=torch.float32, device=self.device)
+        return bool(self.accelerator.reduce(over, reduction="sum").item() > 0) if self.accelerator.num_processes > 1 else bool(over.item())
 
     def check_finite(self, loss: torch.Tensor) -> None:
         """Stop every rank together, before the update, if any rank's loss is NaN or infinite."""

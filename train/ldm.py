@@ -34,7 +34,7 @@ from shapekiln.models.unet3d import UNet3DModel
 from shapekiln.models.vqvae import VQVAE
 from shapekiln.sample.pipeline import PipelineConfig, ShapePipeline
 from shapekiln.train.common import DataConfig, Run, TrainConfig
-from shapekiln.train.options import add_train_arguments, apply_train_arguments
+from shapekiln.train.options import add_train_arguments, apply_train_arguments, time_limit_seconds
 
 
 @dataclass
@@ -153,9 +153,10 @@ def check_latents(config: LDMConfig, vqvae: VQVAE) -> None:
         raise ShapekilnError(f"{config.data.shards} was encoded by another VQ-VAE than {config.vqvae}; encode again or point `vqvae` at that model")
 
 
-def train(config: LDMConfig, resume: str | None = None, progress: bool = True) -> Path:
+def train(config: LDMConfig, resume: str | None = None, progress: bool = True,
+          time_limit: float | None = None) -> Path:
     """Train to config.train.max_steps; returns the folder of the saved pipeline (EMA weights)."""
-    run = Run("ldm", config, config.train, resume, progress=progress)
+    run = Run("ldm", config, config.train, resume, progress=progress, time_limit=time_limit)
     vqvae = load_pretrained(VQVAE, config.vqvae).eval().requires_grad_(False).to(run.device)
     check_latents(config, vqvae)
     mean, std = (torch.from_numpy(x).to(run.device) for x in load_latent_stats(config.data.shards))
@@ -169,7 +170,7 @@ def train(config: LDMConfig, resume: str | None = None, progress: bool = True) -
     for tower in towers.values():
         tower.to(run.device)
     batches = run.batches(config.data, vqvae.config.resolution, vqvae.config.tau,
-                          views="image" in modalities, partial=PartialSpec() if "partial" in modalities else None)
+                          views="one" if "image" in modalities else False, partial=PartialSpec() if "partial" in modalities else None)
     accelerator = run.accelerator
     samples_per_step = config.data.batch_size * config.train.gradient_accumulation_steps * accelerator.num_processes
 
@@ -182,10 +183,9 @@ def train(config: LDMConfig, resume: str | None = None, progress: bool = True) -
             if "text" in modalities:
                 conditions.text = batch["caption"]
             if "image" in modalities:
-                conditions.image = random_views(batch["views"]).to(run.device)
+                conditions.image = rgba_to_rgb(batch["views"][:, 0]).to(run.device)  # the reader drew one view per shape
             if "partial" in modalities:
-                with torch.no_grad():
-                    conditions.partial = encode_partial(vqvae, batch["partial"].to(run.device), batch["known_mask"].to(run.device), mean, std)
+                conditions.partial = partial_conditions(vqvae, batch, conditions.drop["partial"], mean, std, run.device)
             noise = torch.randn_like(latent)
             timesteps = torch.randint(0, noise_schedule.config.num_train_timesteps, (size,), device=run.device)
             noisy = noise_schedule.add_noise(latent, noise, timesteps)
@@ -216,10 +216,17 @@ def train(config: LDMConfig, resume: str | None = None, progress: bool = True) -
     return saved
 
 
-def random_views(views: torch.Tensor) -> torch.Tensor:
-    """One random rendered view per sample: (B, K, 4, H, W) uint8 → (B, 3, H, W) float in [0, 1]."""
-    picks = torch.randint(views.shape[1], (views.shape[0],))
-    return rgba_to_rgb(views[torch.arange(views.shape[0]), picks])
+@torch.no_grad()
+def partial_conditions(vqvae: VQVAE, batch: dict, dropped: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+                       device: torch.device) -> torch.Tensor:
+    """encode_partial for the samples that keep their partial shape; zeros (replaced by the learned
+    empty value downstream) for the dropped ones, which then cost no VQ-VAE encoder pass."""
+    kept = ~dropped
+    r = vqvae.latent_resolution
+    conditions = torch.zeros(len(dropped), vqvae.config.latent_channels + 1, r, r, r, device=device)
+    if kept.any():
+        conditions[kept.to(device)] = encode_partial(vqvae, batch["partial"][kept].to(device), batch["known_mask"][kept].to(device), mean, std)
+    return conditions
 
 
 def make_pipeline(model: LatentDiffusion, vqvae: VQVAE, noise_schedule: DDPMScheduler, mean: torch.Tensor,
@@ -255,7 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = config_from_args(args)
-        train(config, resume=args.resume, progress=not args.no_progress)
+        train(config, resume=args.resume, progress=not args.no_progress, time_limit=time_limit_seconds(args))
     except ShapekilnError as error:
         print(f"shapekiln: error: {error}", file=sys.stderr)
         return 2

@@ -18,6 +18,7 @@ def add_train_arguments(parser: argparse.ArgumentParser, group: str) -> None:
     parser.add_argument("--max-steps", type=int, help="overrides train.max_steps")
     parser.add_argument("--seed", type=int, help="overrides train.seed")
     parser.add_argument("--resume", help="'latest' or a checkpoint folder (OUTPUT_DIR/checkpoints/step-N) to continue from")
+    parser.add_argument("--time-limit", type=float, metavar="MINUTES", help="also stop (checkpointed) after this many minutes")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -34,3 +35,11 @@ def apply_train_arguments(config: Any, args: argparse.Namespace) -> Any:
     if args.seed is not None:
         config.train.seed = args.seed
     return config
+
+
+def time_limit_seconds(args: argparse.Namespace) -> float | None:
+    if args.time_limit is None:
+        return None
+    if args.time_limit <= 0:
+        raise ShapekilnError(f"--time-limit must be positive, got {args.time_limit}")
+    return 60.0 * args.time_limit

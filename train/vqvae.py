@@ -23,7 +23,7 @@ from shapekiln.config import load_config, to_dict
 from shapekiln.errors import ShapekilnError
 from shapekiln.models.vqvae import VQVAE
 from shapekiln.train.common import DataConfig, Run, TrainConfig
-from shapekiln.train.options import add_train_arguments, apply_train_arguments
+from shapekiln.train.options import add_train_arguments, apply_train_arguments, time_limit_seconds
 
 
 @dataclass
@@ -63,9 +63,10 @@ def reconstruction_loss(prediction: torch.Tensor, target: torch.Tensor, loss: VQ
     return (weight * (prediction - target).abs()).mean()
 
 
-def train(config: VQVAEConfig, resume: str | None = None, progress: bool = True) -> Path:
+def train(config: VQVAEConfig, resume: str | None = None, progress: bool = True,
+          time_limit: float | None = None) -> Path:
     """Train to config.train.max_steps; returns the folder of the saved (EMA) model."""
-    run = Run("vqvae", config, config.train, resume, progress=progress)
+    run = Run("vqvae", config, config.train, resume, progress=progress, time_limit=time_limit)
     try:
         model = VQVAE(**to_dict(config.model))
     except ValueError as error:
@@ -122,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = apply_train_arguments(load_config(VQVAEConfig, args.config, "vqvae"), args)
-        train(config, resume=args.resume, progress=not args.no_progress)
+        train(config, resume=args.resume, progress=not args.no_progress, time_limit=time_limit_seconds(args))
     except ShapekilnError as error:
         print(f"shapekiln: error: {error}", file=sys.stderr)
         return 2

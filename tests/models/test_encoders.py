@@ -54,7 +54,8 @@ def test_minilm_padding_is_ignored_and_output_deterministic(minilm):
     tokens_alone, mask_alone = alone([SHORT])
     tokens_batched, mask_batched = batched([LONG, SHORT])
     assert torch.equal(mask_alone[0], mask_batched[1])
-    assert torch.allclose(tokens_alone[0][mask_alone[0]], tokens_batched[1][mask_batched[1]], atol=1e-5)
+    # Bit-identical, not just close: resumed training runs must repeat the original exactly.
+    assert torch.equal(tokens_alone[0], tokens_batched[1])
     again = load_text_tower("minilm")([SHORT])[0]
     assert torch.allclose(again, tokens_alone, atol=1e-6)
 

@@ -1,0 +1,104 @@
+"""Latent diffusion quality and sampling speed on the synthetic set (small config), after the
+quickstart's training budget, with the samplers and the guidance batching side by side.
+
+Uses a finished quickstart run (default runs/quickstart: its data and OUT/ldm/pipeline) and an
+attribute classifier trained on the same data (trained here if not given; its own accuracy on
+ground truth is printed beside the generated shapes' accuracy). For DDIM-50 and DPM-Solver++-20:
+text-attribute accuracy (target ≥ 0.9), 1-NNA-CD (target ≤ 0.65), MMD/COV-CD, completion UHD and
+TMD (learned condition and training-free inpainting), image-conditioned IoU (target ≥ 0.7) and
+Chamfer, seconds per shape; then the 20-step figures relative to the 50-step ones (target: within
+2%), and the time of one guided denoising step with the 1 + n passes batched against looped.
+
+    shapekiln quickstart && python bench/ldm.py
+    python bench/ldm.py --run runs/quickstart --classifier runs/quickstart/classifier --count 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+from shapekiln.data_prep.reader import ShapeShards, list_shards
+from shapekiln.evaluate import evaluate_ldm
+from shapekiln.models.attributes import train_attribute_classifier
+from shapekiln.sample.partial import known_region
+from shapekiln.sample.pipeline import ShapePipeline
+
+FIGURES = (
+    ("text_attribute_accuracy", "≥ 0.9"), ("text_category_accuracy", ""), ("text_all_correct_accuracy", ""),
+    ("classifier_attribute_accuracy", "(ground truth)"), ("1nna_cd", "≤ 0.65"), ("mmd_cd", ""), ("cov_cd", ""),
+    ("completion_learned_uhd", ""), ("completion_learned_tmd", ""), ("completion_inpaint_uhd", ""),
+    ("completion_inpaint_tmd", ""), ("image_iou", "≥ 0.7"), ("image_chamfer_l1", ""), ("generation_seconds_per_shape", ""),
+)
+
+
+def guidance_timing(pipeline: ShapePipeline, data: Path, repeats: int = 5) -> tuple[float, float]:
+    """Seconds per guided prediction (text + image + partial: 4 passes) batched and looped."""
+    sample = next(iter(ShapeShards(list_shards(data, "test"), views=True)))
+    tsdf = sample["tsdf"][0].numpy()
+    conditions = pipeline._conditions(sample["caption"], sample["views"][0].permute(1, 2, 0).numpy(), tsdf,
+                                      known_region("z<0", tsdf.shape[0]), 1)
+    weights = {name: 3.0 for name in pipeline.modalities}
+    latent = torch.randn(1, *pipeline.vqvae.latent_shape)
+    timings = []
+    for batched in (True, False):
+        pipeline.guided_prediction(latent, torch.tensor(500), conditions, weights, batched)  # warm-up
+        started = time.perf_counter()
+        for _ in range(repeats):
+            pipeline.guided_prediction(latent, torch.tensor(500), conditions, weights, batched)
+        timings.append((time.perf_counter() - started) / repeats)
+    return timings[0], timings[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", type=Path, default=Path("runs/quickstart"), help="a finished quickstart folder")
+    parser.add_argument("--classifier", type=Path, help="attribute classifier folder (default: train one into RUN/classifier)")
+    parser.add_argument("--count", type=int, default=32, help="held-out shapes for MMD/COV/1-NNA")
+    parser.add_argument("--prompts", type=int, default=20)
+    parser.add_argument("--completion-count", type=int, default=8)
+    parser.add_argument("--image-count", type=int, default=8)
+    args = parser.parse_args()
+
+    data, pipeline_dir = args.run / "data", args.run / "ldm" / "pipeline"
+    if not pipeline_dir.is_dir():
+        raise SystemExit(f"no pipeline at {pipeline_dir}: run `shapekiln quickstart --out {args.run}` first")
+    classifier = args.classifier or args.run / "classifier"
+    if not (classifier / "config.json").is_file():
+        started = time.perf_counter()
+        train_attribute_classifier(data, classifier, progress=False)
+        print(f"attribute classifier trained in {time.perf_counter() - started:.0f} s → {classifier}")
+
+    results = {}
+    for scheduler, steps in (("ddim", 50), ("dpm++", 20)):
+        started = time.perf_counter()
+        results[scheduler] = evaluate_ldm(pipeline_dir, data, classifier, count=args.count, prompts=args.prompts,
+                                          completion_count=args.completion_count, image_count=args.image_count,
+                                          steps=steps, scheduler=scheduler, progress=False)
+        print(f"{scheduler}-{steps}: evaluated in {time.perf_counter() - started:.0f} s")
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    batched, looped = guidance_timing(ShapePipeline.from_pretrained(pipeline_dir), data)
+
+    ddim, dpm = results["ddim"], results["dpm++"]
+    print(f"\nlatent diffusion, {pipeline_dir}; held-out split '{ddim['split']}', {torch.get_num_threads()} threads, peak memory {peak_mb:.0f} MB")
+    print(f"{'':32} {'DDIM-50':>10} {'DPM++-20':>10} {'20 / 50':>9} {'target':>15}")
+    for key, target in FIGURES:
+        if key in ddim and key in dpm:
+            ratio = dpm[key] / ddim[key] if ddim[key] else float("nan")
+            print(f"{key:32} {ddim[key]:>10.4f} {dpm[key]:>10.4f} {ratio:>8.3f}× {target:>15}")
+    for notes in {tuple(ddim.get("notes", [])), tuple(dpm.get("notes", []))}:
+        for note in notes:
+            print(f"note: {note}")
+    print(f"guided step (text + image + partial, 4 passes): batched {batched * 1000:.1f} ms, looped {looped * 1000:.1f} ms, "
+          f"looped / batched {looped / batched:.2f}×")
+    shared = [key for key, _ in FIGURES if key in ddim and key in dpm and key != "generation_seconds_per_shape" and ddim[key]]
+    worst = max(abs(dpm[key] / ddim[key] - 1.0) for key in shared) if shared else float("nan")
+    print(f"largest relative difference DPM++-20 vs DDIM-50 over the quality figures: {100 * worst:.1f}% (target ≤ 2%)")
+
+
+if __name__ == "__main__":
+    main()
