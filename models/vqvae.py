@@ -166,6 +166,12 @@ class VectorQuantizer(nn.Module):
         return torch.cat(indices)
 
     def forward(self, latent: torch.Tensor) -> QuantizerOutput:
+        # Distances to the codebook in full precision even under bf16/fp16 autocast: rounded
+        # distances pick the wrong nearest code.
+        with torch.autocast(latent.device.type, enabled=False):
+            return self._quantize(latent)
+
+    def _quantize(self, latent: torch.Tensor) -> QuantizerOutput:
         b, c, d, h, w = latent.shape
         flat = latent.permute(0, 2, 3, 4, 1).reshape(-1, c).float()  # (N, C)
         if self.training and not bool(self.initialized):
@@ -237,12 +243,13 @@ def _broadcast(tensor: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class VQVAEOutput(BaseOutput):
-    reconstruction: torch.Tensor  # (B, 1, R, R, R) TSDF
-    latent: torch.Tensor  # (B, C, r, r, r) before quantization
-    indices: torch.Tensor  # (B, r, r, r)
-    commitment_loss: torch.Tensor
-    perplexity: torch.Tensor
-    usage: torch.Tensor
+    # Defaults as in diffusers' outputs: accelerate's mixed precision rebuilds an output from a dict.
+    reconstruction: torch.Tensor = None  # (B, 1, R, R, R) TSDF
+    latent: torch.Tensor = None  # (B, C, r, r, r) before quantization
+    indices: torch.Tensor = None  # (B, r, r, r)
+    commitment_loss: torch.Tensor = None
+    perplexity: torch.Tensor = None
+    usage: torch.Tensor = None
 
 
 class VQVAE(ModelMixin, ConfigMixin):

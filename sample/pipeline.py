@@ -132,12 +132,13 @@ class ShapePipeline:
 
     def sampler(self, name: str) -> Any:
         """A fresh diffusers scheduler of the named kind, on this pipeline's training noise schedule."""
+        # No clipping of the predicted clean latent: the latents are unit-variance, not images in [-1, 1].
         if name == "ddim":
-            return DDIMScheduler.from_config(self.scheduler.config)
+            return DDIMScheduler.from_config(self.scheduler.config, clip_sample=False)
         if name == "dpm++":
-            return DPMSolverMultistepScheduler.from_config(self.scheduler.config, algorithm_type="dpmsolver++")
+            return DPMSolverMultistepScheduler.from_config(self.scheduler.config, algorithm_type="dpmsolver++", thresholding=False)
         if name == "ddpm":
-            return DDPMScheduler.from_config(self.scheduler.config)
+            return DDPMScheduler.from_config(self.scheduler.config, clip_sample=False)
         raise ShapekilnError(f"unknown scheduler {name!r} (choose one of {', '.join(SCHEDULERS)})")
 
     def normalize(self, latent: torch.Tensor) -> torch.Tensor:
@@ -297,10 +298,16 @@ def _stack_conditions(passes: list[Conditions]) -> Conditions:
 
 
 def load_image(image: Any) -> torch.Tensor:
-    """An image path, PIL image or (H, W, 3|4) uint8 array → (1, 3, H, W) float in [0, 1] over white."""
+    """An image path, PIL image or (H, W, 3|4) uint8 array → (1, 3, H, W) float in [0, 1] over white.
+
+    A (1, 3, H, W) float tensor (what this returns) passes through unchanged.
+    """
     from PIL import Image, UnidentifiedImageError
 
     from shapekiln.models.encoders import rgba_to_rgb
+
+    if isinstance(image, torch.Tensor) and image.ndim == 4 and image.shape[:2] == (1, 3) and image.is_floating_point():
+        return image
 
     if isinstance(image, (str, Path)):
         try:

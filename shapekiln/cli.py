@@ -136,10 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--no-progress", action="store_true")
     encode.set_defaults(run=_run_encode)
 
-    quick = commands.add_parser("quickstart", help="prepare the synthetic dataset (small config) and write its preview")
-    quick.add_argument("--out", type=Path, default=Path("runs/quickstart/data"), help="default runs/quickstart/data")
-    quick.add_argument("--count", type=int, default=200)
-    quick.add_argument("--workers", type=int, default=2)
+    quick = commands.add_parser("quickstart", help="from nothing to text-conditioned shapes: data, VQ-VAE, latents, diffusion, samples")
+    quick.add_argument("--out", type=Path, default=Path("runs/quickstart"), help="default runs/quickstart")
+    quick.add_argument("--count", type=int, default=1000, help="synthetic shapes (default 1000)")
+    quick.add_argument("--workers", type=int, default=2, help="prep processes (default 2)")
+    quick.add_argument("--vqvae-steps", type=int, default=400, help="VQ-VAE training steps (default 400)")
+    quick.add_argument("--ldm-steps", type=int, help="diffusion training steps (default: configs/ldm/small.yaml, 800)")
+    quick.add_argument("--samples", type=int, default=4, help="shapes per prompt (default 4)")
+    quick.add_argument("--no-progress", action="store_true")
     quick.set_defaults(run=_run_quickstart)
     return parser
 
@@ -398,10 +402,13 @@ def _run_encode(args: argparse.Namespace) -> int:
 
 
 def _run_quickstart(args: argparse.Namespace) -> int:
-    return main([
-        "prep", "synthetic", "--count", str(args.count), "--out", str(args.out), "--config", "small",
-        "--workers", str(args.workers), "--preview",
-    ])
+    if min(args.count, args.workers, args.vqvae_steps, args.samples, args.ldm_steps or 1) < 1:
+        raise ShapekilnError("--count, --workers, --vqvae-steps, --ldm-steps and --samples must be at least 1")
+    from shapekiln.quickstart import quickstart
+
+    quickstart(args.out, count=args.count, workers=args.workers, vqvae_steps=args.vqvae_steps, ldm_steps=args.ldm_steps,
+               samples_per_prompt=args.samples, progress=not args.no_progress)
+    return 0
 
 
 if __name__ == "__main__":

@@ -52,16 +52,21 @@ def test_show_writes_a_contact_sheet_and_reports_a_missing_dataset(tmp_path):
 
 
 @pytest.mark.slow
-def test_quickstart_prepares_the_synthetic_set(tmp_path):
-    result = shapekiln("quickstart", "--out", tmp_path / "data")
-    summary = result.stdout.strip().splitlines()[-2]
-    assert summary.startswith("prep: ") and "shapes written" in summary
-    written = int(summary.split()[1])
-    failures = (tmp_path / "data" / "failures.jsonl").read_text().splitlines()
-    assert written + len(failures) == 200 and written >= 190
-    meta = json.loads((tmp_path / "data" / "dataset.json").read_text())
-    assert meta["config"]["resolution"] == 32 and meta["source_args"] == {"count": 200, "seed": 0}
-    assert (tmp_path / "data" / "preview.png").stat().st_size > 10_000
+def test_quickstart_runs_every_stage_and_writes_previews(tmp_path):
+    """The whole chain at a reduced budget: prep → vqvae → encode → ldm → samples and a completion."""
+    out = tmp_path / "qs"
+    result = shapekiln("quickstart", "--out", out, "--count", 60, "--vqvae-steps", 4, "--ldm-steps", 4, "--samples", 1, "--no-progress")
+    assert "quickstart: done" in result.stdout
+    meta = json.loads((out / "data" / "dataset.json").read_text())
+    assert meta["config"]["resolution"] == 32 and meta["source_args"] == {"count": 60, "seed": 0}
+    assert (out / "latents" / "latent_stats.json").is_file() and (out / "ldm" / "pipeline" / "pipeline.json").is_file()
+    prompt_dirs = [path for path in (out / "samples").iterdir() if path.name != "completion"]
+    assert len(prompt_dirs) == 4 and all((path / "sample_0.npy").is_file() for path in prompt_dirs)
+    assert (out / "samples" / "completion" / "completion_0.npy").is_file()
+    overview = Image.open(out / "preview.png")
+    assert overview.height == 5 * 192  # four prompts and the completion, one row each
+    again = shapekiln("quickstart", "--out", out, "--count", 60, "--vqvae-steps", 4, "--ldm-steps", 4, "--samples", 1, "--no-progress")
+    assert "exists: skipping training" in again.stdout and "0 shapes written" in again.stdout
 
 
 @pytest.mark.parametrize("signal_name", ["SIGINT", "SIGKILL"])

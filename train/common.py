@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator, Literal
 import torch
 import yaml
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
@@ -294,6 +295,9 @@ class Run:
         # Without this barrier, two-process runs hung at exit in several trials (GROUND.md).
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
+        # Let a later run in this process (the quickstart trains two models) choose its own mixed
+        # precision; the process group (PartialState) stays.
+        AcceleratorState._reset_state(reset_partial_state=False)
 
 
 def _plain(value: Any) -> Any:

@@ -162,7 +162,8 @@ def train(config: LDMConfig, resume: str | None = None, progress: bool = True,
     mean, std = (torch.from_numpy(x).to(run.device) for x in load_latent_stats(config.data.shards))
     unet, conditioning = build_models(config, vqvae)
     towers = conditioning.towers
-    noise_schedule = DDPMScheduler(**to_dict(config.diffusion))
+    # important! diffusers clips the predicted clean sample to [-1, 1] by default; unit-variance latents go past that.
+    noise_schedule = DDPMScheduler(**to_dict(config.diffusion), clip_sample=False)
     modalities = set(config.conditioning.modalities)
     drop_prob = {"text": config.conditioning.drop_text, "image": config.conditioning.drop_image, "partial": config.conditioning.drop_partial}
 

@@ -31,7 +31,7 @@ def tiny_pipeline(modalities=("text", "image", "partial")):
     randomize_zero_parameters(unet)
     randomize_zero_parameters(conditioning, seed=1)
     channels = vqvae.config.latent_channels
-    return make_pipeline(LatentDiffusion(unet, conditioning), vqvae, DDPMScheduler(**to_dict(config.diffusion)),
+    return make_pipeline(LatentDiffusion(unet, conditioning), vqvae, DDPMScheduler(**to_dict(config.diffusion), clip_sample=False),
                          torch.zeros(channels), torch.ones(channels), config)
 
 

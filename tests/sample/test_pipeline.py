@@ -68,6 +68,13 @@ def test_each_modality_alone_and_all_together_give_shapes(pipeline):
     assert not torch.allclose(runs["none"].latents[0], runs["text"].latents[0])
 
 
+def test_samplers_do_not_clip_unit_variance_latents(pipeline):
+    """diffusers clips predicted clean samples to [-1, 1] by default, which collapses normalized latents."""
+    for name in ("ddim", "ddpm"):
+        assert pipeline.sampler(name).config.clip_sample is False
+    assert pipeline.sampler("dpm++").config.thresholding is False
+
+
 def test_same_seed_same_shapes_other_seed_other_shapes(pipeline):
     first = pipeline(text="a lamp", steps=3, seed=7, progress=False).latents
     assert torch.equal(first, pipeline(text="a lamp", steps=3, seed=7, progress=False).latents)

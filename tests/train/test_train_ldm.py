@@ -34,6 +34,7 @@ def test_a_run_saves_a_pipeline_that_samples(stages, tmp_path):
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-0000002", "step-0000004"]
     pipeline = ShapePipeline.from_pretrained(run_dir / "pipeline")
     assert pipeline.modalities == ("text", "image", "partial")
+    assert pipeline.scheduler.config.clip_sample is False
     assert list((run_dir / "logs").rglob("events.out.tfevents.*"))
     result = shapekiln("sample", "--ckpt", run_dir / "pipeline", "--text", "a tall round table", "--n", 2, "--steps", 2,
                        "--out", tmp_path / "samples", "--no-progress")
