@@ -88,6 +88,9 @@ def _freeze(model: nn.Module) -> nn.Module:
 # Text
 
 
+ENCODE_CHUNK = 16  # captions per text-model forward
+
+
 class TextTower(_FrozenTower):
     """Frozen text model → per-token features for cross-attention.
 
@@ -118,10 +121,14 @@ class TextTower(_FrozenTower):
             empty = torch.zeros(0, self.max_tokens, self.dim, device=device)
             return empty, torch.zeros(0, self.max_tokens, dtype=torch.bool, device=device)
         missing = list(dict.fromkeys(text for text in texts if text not in self._cache))
-        if missing:
-            tokens, mask = self._encode(missing)
+        # Always in chunks of the same shape, filled up with empty strings: a caption's features must
+        # not depend (even in the last bit) on how many others it was encoded with, or a resumed
+        # training run would not repeat the original exactly (BLAS picks kernels by matrix size).
+        for start in range(0, len(missing), ENCODE_CHUNK):
+            part = missing[start : start + ENCODE_CHUNK]
+            tokens, mask = self._encode(part + [""] * (ENCODE_CHUNK - len(part)))
             tokens = tokens.float().masked_fill(~mask[..., None], 0.0)  # padding positions are zero
-            for text, text_tokens, text_mask in zip(missing, tokens, mask):
+            for text, text_tokens, text_mask in zip(part, tokens, mask):
                 self._cache[text] = (text_tokens, text_mask)
         entries = []
         for text in texts:

@@ -1,8 +1,9 @@
 """The loop skeleton every trainer shares: accelerate set-up, run folder, data stream, checkpoints and
 resume, EMA, logging, and the non-finite-loss stop.
 
-A trainer (train/vqvae.py, train/ldm.py, ...) reads top to bottom: `start_run` → build the model,
-optimizer and EMA → `Run.prepare` → loop over `run.steps()` computing its loss → `run.finish`.
+A trainer (train/vqvae.py, train/ldm.py) reads top to bottom: `Run(...)` → build the model →
+`run.prepare` (optimizer, schedule, EMA, resume) → `run.batches` → for each of `run.steps()`: its
+loss, `run.update`, `run.ema.step`, `run.log` → `run.save_model` → `run.finish`.
 """
 
 from __future__ import annotations
@@ -216,6 +217,17 @@ class Run:
             return False
         over = torch.tensor([time.perf_counter() - self._started > self.time_limit], dtype=torch.float32, device=self.device)
         return bool(self.accelerator.reduce(over, reduction="sum").item() > 0) if self.accelerator.num_processes > 1 else bool(over.item())
+
+    def update(self, loss: torch.Tensor, model: torch.nn.Module, optimizer: Any, scheduler: Any) -> None:
+        """One micro-step inside `accelerator.accumulate(model)`: check the loss, backpropagate,
+        clip when gradients sync, step the optimizer and the learning-rate schedule."""
+        self.check_finite(loss)
+        self.accelerator.backward(loss)
+        if self.accelerator.sync_gradients:
+            self.accelerator.clip_grad_norm_(model.parameters(), self.train.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
 
     def check_finite(self, loss: torch.Tensor) -> None:
         """Stop every rank together, before the update, if any rank's loss is NaN or infinite."""

@@ -194,13 +194,7 @@ def train(config: LDMConfig, resume: str | None = None, progress: bool = True,
             with accelerator.accumulate(model):
                 prediction = model(noisy, timesteps, conditions)
                 loss = F.mse_loss(prediction.float(), target.float())
-                run.check_finite(loss)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(model.parameters(), config.train.grad_clip)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                run.update(loss, model, optimizer, scheduler)
         run.ema.step(model.parameters())
         run.log({"loss": loss.item(), "lr": scheduler.get_last_lr()[0]}, samples_per_step)
         if run.wants_images() and "text" in modalities:

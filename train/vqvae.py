@@ -83,13 +83,7 @@ def train(config: VQVAEConfig, resume: str | None = None, progress: bool = True,
                 output = model(tsdf)
                 l1 = reconstruction_loss(output.reconstruction, tsdf, config.loss)
                 loss = l1 + output.commitment_loss
-                run.check_finite(loss)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(model.parameters(), config.train.grad_clip)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                run.update(loss, model, optimizer, scheduler)
         run.ema.step(model.parameters())
         run.log(
             {

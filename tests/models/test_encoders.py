@@ -56,6 +56,9 @@ def test_minilm_padding_is_ignored_and_output_deterministic(minilm):
     assert torch.equal(mask_alone[0], mask_batched[1])
     # Bit-identical, not just close: resumed training runs must repeat the original exactly.
     assert torch.equal(tokens_alone[0], tokens_batched[1])
+    crowd = load_text_tower("minilm")
+    tokens_crowd, _ = crowd([f"caption number {k} about a chair" for k in range(20)] + [SHORT])
+    assert torch.equal(tokens_crowd[-1], tokens_alone[0])  # 21 captions: two chunks, SHORT in the second
     again = load_text_tower("minilm")([SHORT])[0]
     assert torch.allclose(again, tokens_alone, atol=1e-6)
 
