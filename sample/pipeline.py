@@ -75,7 +75,7 @@ class ShapeOutput:
 class ShapePipeline:
     def __init__(self, unet: UNet3DModel, conditioning: ConditionModel, vqvae: VQVAE, scheduler: DDPMScheduler,
                  config: PipelineConfig):
-        self.unet, self.conditioning, self.vqvae = unet.eval(), conditioning.eval(), vqvae.eval()
+        self.unet, self.conditioning, self.vqvae = unet, conditioning, vqvae  # modes are the caller's (from_pretrained: eval)
         self.scheduler, self.config = scheduler, config
         self.model = LatentDiffusion(self.unet, self.conditioning)
         self.latent_mean = torch.tensor(config.latent_mean, dtype=torch.float32)
@@ -112,7 +112,7 @@ class ShapePipeline:
             raise ShapekilnError(f"{path} has no scheduler/scheduler_config.json")
         scheduler = DDPMScheduler.from_pretrained(str(path / "scheduler"))
         conditioning.attach_towers(device)
-        return cls(unet, conditioning, vqvae, scheduler, config).to(device)
+        return cls(unet.eval(), conditioning.eval(), vqvae.eval(), scheduler, config).to(device)
 
     def save_pretrained(self, path: str | Path) -> Path:
         """Write the folder under a temporary name and rename it into place: never half-written."""

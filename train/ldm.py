@@ -164,7 +164,9 @@ def train(config: LDMConfig, resume: str | None = None, progress: bool = True,
     towers = conditioning.towers
     # important! diffusers clips the predicted clean sample to [-1, 1] by default; unit-variance latents go past that.
     noise_schedule = DDPMScheduler(**to_dict(config.diffusion), clip_sample=False)
-    modalities = set(config.conditioning.modalities)
+    # A list in MODALITIES' order, not a set: a set's order changes from process to process with string
+    # hashing, and the drop masks are drawn in this order, so a resumed run would draw them differently.
+    modalities = [name for name in MODALITIES if name in config.conditioning.modalities]
     drop_prob = {"text": config.conditioning.drop_text, "image": config.conditioning.drop_image, "partial": config.conditioning.drop_partial}
 
     model, optimizer, scheduler = run.prepare(LatentDiffusion(unet, conditioning))
@@ -238,7 +240,7 @@ def preview_strip(pipeline: ShapePipeline, sampling: SamplingConfig, size: int =
     """One shaded render per preview prompt, side by side: (size, P·size, 3) uint8. Restores train mode."""
     from shapekiln.sample.export import render_shape
 
-    training = pipeline.unet.training
+    training = pipeline.unet.training  # the caller's mode, restored below
     pipeline.unet.eval()
     pipeline.conditioning.eval()
     try:

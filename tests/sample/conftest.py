@@ -31,8 +31,11 @@ def tiny_pipeline(modalities=("text", "image", "partial")):
     randomize_zero_parameters(unet)
     randomize_zero_parameters(conditioning, seed=1)
     channels = vqvae.config.latent_channels
-    return make_pipeline(LatentDiffusion(unet, conditioning), vqvae, DDPMScheduler(**to_dict(config.diffusion), clip_sample=False),
-                         torch.zeros(channels), torch.ones(channels), config)
+    pipeline = make_pipeline(LatentDiffusion(unet, conditioning), vqvae, DDPMScheduler(**to_dict(config.diffusion), clip_sample=False),
+                             torch.zeros(channels), torch.ones(channels), config)
+    for module in (pipeline.unet, pipeline.conditioning, pipeline.vqvae):
+        module.eval()
+    return pipeline
 
 
 @pytest.fixture(scope="session")
