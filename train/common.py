@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from shapekiln.config import to_dict
 from shapekiln.data_prep.reader import ShapeShards, check_dataset, list_shards, make_loader
+from shapekiln.data_prep.shards import write_atomic
 from shapekiln.errors import ShapekilnError
 
 
@@ -120,7 +121,7 @@ class Run:
         if self.accelerator.is_main_process:
             try:
                 self.output_dir.mkdir(parents=True, exist_ok=True)
-                (self.output_dir / "config.yaml").write_text(yaml.safe_dump(_plain(to_dict(config)), sort_keys=False))
+                write_atomic(self.output_dir / "config.yaml", yaml.safe_dump(_plain(to_dict(config)), sort_keys=False).encode())
             except OSError as error:
                 raise ShapekilnError(f"cannot write to output directory {self.output_dir}: {error.strerror or error}") from None
         self.accelerator.wait_for_everyone()
