@@ -34,7 +34,6 @@ POINT_CLOUD_EXTENSIONS = (".xyz", ".ply")
 class PartialShape:
     tsdf: np.ndarray  # (R, R, R) float32, negative inside, unknown voxels as computed (they are masked later)
     known: np.ndarray  # (R, R, R) bool
-    surface: trimesh.Trimesh | trimesh.PointCloud  # the input as given, for previews
 
 
 def load_partial(path: str | Path, resolution: int, tau: float, keep: str, normalize_input: bool = False) -> PartialShape:
@@ -56,7 +55,7 @@ def load_partial(path: str | Path, resolution: int, tau: float, keep: str, norma
         mesh, _ = normalize(mesh, EXTENT)
     _check_inside_cube(mesh.vertices, path)
     tsdf = compute_tsdf(mesh.vertices, mesh.faces, resolution, tau)
-    return PartialShape(tsdf, known_region(keep, resolution), mesh)
+    return PartialShape(tsdf, known_region(keep, resolution))
 
 
 def known_region(keep: str, resolution: int, points: np.ndarray | None = None) -> np.ndarray:
@@ -93,10 +92,7 @@ def _from_grid(path: Path, resolution: int, keep: str) -> PartialShape:
         raise ShapekilnError(f"{path}: expected a float {resolution}³ TSDF grid, got {tsdf.dtype} {tsdf.shape}")
     if not np.isfinite(tsdf).all():
         raise ShapekilnError(f"{path}: the grid has NaN or infinite values")
-    from shapekiln.data_prep.preview import tsdf_to_mesh
-
-    tsdf = tsdf.astype(np.float32)
-    return PartialShape(tsdf, known_region(keep, resolution), tsdf_to_mesh(tsdf))
+    return PartialShape(tsdf.astype(np.float32), known_region(keep, resolution))
 
 
 def _read_points(path: Path) -> np.ndarray | None:
@@ -128,7 +124,7 @@ def _from_points(points: np.ndarray, resolution: int, tau: float, keep: str, nor
     voxel = 2.0 / resolution
     distance, _ = cKDTree(points).query(grid_points(resolution))
     tsdf = np.clip(distance - voxel, -tau, tau).reshape((resolution,) * 3).astype(np.float32)
-    return PartialShape(tsdf, known_region(keep, resolution, points), trimesh.PointCloud(points))
+    return PartialShape(tsdf, known_region(keep, resolution, points))
 
 
 def _check_inside_cube(vertices: np.ndarray, what: object) -> None:

@@ -1,29 +1,13 @@
 """`shapekiln sample` and `shapekiln complete` as a user runs them, including every bad input."""
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import trimesh
 from PIL import Image
 
+from ..train.test_train_vqvae import one_error_line, shapekiln
 from .conftest import tiny_pipeline
 from .test_pipeline import shape_tsdf
-
-
-def shapekiln(*args, check=True):
-    result = subprocess.run([sys.executable, "-m", "shapekiln.cli", *map(str, args)], capture_output=True, text=True)
-    if check:
-        assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
-def one_error_line(result) -> str:
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("shapekiln: error:"), result.stderr
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
