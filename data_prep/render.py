@@ -158,32 +158,60 @@ def render_views(mesh: trimesh.Trimesh, cameras: list[Camera]) -> np.ndarray:
     from a headlight plus ambient, on flat face normals, over the mesh's own colors (texture,
     vertex colors or face colors, in that order) or a neutral gray when it has none.
     """
+    hits = _cast_rays(mesh, cameras, "render_views")
+    height, width = cameras[0].height, cameras[0].width
+    image = np.zeros((len(cameras) * height * width, 4), dtype=np.uint8)  # (K*H*W, 4)
+    if hits is not None:
+        directions, hit_faces, hit_rays, locations = hits
+        barycentric = trimesh.triangles.points_to_barycentric(mesh.triangles[hit_faces], locations)  # (M, 3)
+        base = _base_color(mesh, hit_faces, barycentric)  # (M, 3) in [0, 255]
+        facing = np.abs(np.einsum("ij,ij->i", mesh.face_normals[hit_faces], directions[hit_rays]))
+        shaded = base * (AMBIENT + (1.0 - AMBIENT) * facing)[:, None]
+        image[hit_rays, :3] = np.clip(np.rint(shaded), 0, 255).astype(np.uint8)
+        image[hit_rays, 3] = 255
+    return image.reshape(len(cameras), height, width, 4)
+
+
+def render_normals(mesh: trimesh.Trimesh, cameras: list[Camera]) -> tuple[np.ndarray, np.ndarray]:
+    """World-space flat face normals seen by each pixel, turned towards the camera, and the hit mask.
+
+    Returns (K, H, W, 3) float64 unit normals (0 where no ray hit) and (K, H, W) bool: the
+    same rays and hits as `render_views`, for checking other renderers' normals against.
+    """
+    hits = _cast_rays(mesh, cameras, "render_normals")
+    height, width = cameras[0].height, cameras[0].width
+    normals = np.zeros((len(cameras) * height * width, 3))  # (K*H*W, 3)
+    mask = np.zeros(len(cameras) * height * width, dtype=bool)
+    if hits is not None:
+        directions, hit_faces, hit_rays, _ = hits
+        face_normals = mesh.face_normals[hit_faces]  # (M, 3)
+        towards = np.einsum("ij,ij->i", face_normals, directions[hit_rays]) > 0  # facing away: flip
+        normals[hit_rays] = np.where(towards[:, None], -face_normals, face_normals)
+        mask[hit_rays] = True
+    return normals.reshape(len(cameras), height, width, 3), mask.reshape(len(cameras), height, width)
+
+
+def _cast_rays(mesh: trimesh.Trimesh, cameras: list[Camera], caller: str):
+    """One embree query for every pixel of every camera (first hits only).
+
+    Returns None for a mesh without faces, else (directions (K*H*W, 3), hit_faces (M,),
+    hit_rays (M,) row-major pixel indices over all views, locations (M, 3)).
+    """
     if not cameras:
-        raise ShapekilnError("render_views needs at least one camera")
+        raise ShapekilnError(f"{caller} needs at least one camera")
     height, width = cameras[0].height, cameras[0].width
     if any((c.height, c.width) != (height, width) for c in cameras):
-        raise ShapekilnError("render_views needs cameras that share one image size")
-
-    image = np.zeros((len(cameras) * height * width, 4), dtype=np.uint8)  # (K*H*W, 4)
+        raise ShapekilnError(f"{caller} needs cameras that share one image size")
     if len(mesh.faces) == 0:
-        return image.reshape(len(cameras), height, width, 4)
+        return None
 
     rays = [camera_rays(c) for c in cameras]
     origins = np.concatenate([o for o, _ in rays])  # (K*H*W, 3)
     directions = np.concatenate([d for _, d in rays])
-
     intersector = RayMeshIntersector(mesh)
     hit_faces, hit_rays, locations = intersector.intersects_id(
         origins, directions, multiple_hits=False, return_locations=True)
-
-    barycentric = trimesh.triangles.points_to_barycentric(mesh.triangles[hit_faces], locations)  # (M, 3)
-    base = _base_color(mesh, hit_faces, barycentric)  # (M, 3) in [0, 255]
-    facing = np.abs(np.einsum("ij,ij->i", mesh.face_normals[hit_faces], directions[hit_rays]))
-    shaded = base * (AMBIENT + (1.0 - AMBIENT) * facing)[:, None]
-
-    image[hit_rays, :3] = np.clip(np.rint(shaded), 0, 255).astype(np.uint8)
-    image[hit_rays, 3] = 255
-    return image.reshape(len(cameras), height, width, 4)
+    return directions, hit_faces, hit_rays, locations
 
 
 def _base_color(mesh: trimesh.Trimesh, faces: np.ndarray, barycentric: np.ndarray) -> np.ndarray:

@@ -11,7 +11,7 @@ import shutil
 import tempfile
 import textwrap
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import trimesh
@@ -34,15 +34,46 @@ def render_shape(mesh: trimesh.Trimesh, size: int = 192, azimuth: float = 45.0, 
 
 
 def write_samples(meshes: Sequence[trimesh.Trimesh], tsdfs: Sequence[np.ndarray], out: str | Path,
-                  condition: dict | None = None, formats: Sequence[str] = MESH_FORMATS, prefix: str = "sample") -> list[Path]:
+                  condition: dict | None = None, formats: Sequence[str] = MESH_FORMATS, prefix: str = "sample",
+                  preview: Image.Image | None = None) -> list[Path]:
     """Write `{prefix}_{i}.{obj,glb,ply,npy}` and `preview.png` into `out`; return the paths written.
 
     `condition` labels the preview's first column: {"text": str, "image": (H, W, 3) uint8,
-    "partial": trimesh.Trimesh}, any of them.
+    "partial": trimesh.Trimesh}, any of them. `preview` replaces the default sheet.
     """
+    check_formats(formats)
+
+    def write(staging: Path) -> list[str]:
+        names = []
+        for index, (mesh, tsdf) in enumerate(zip(meshes, tsdfs)):
+            names += write_shape(staging, f"{prefix}_{index}", mesh, tsdf, formats)
+        (preview or preview_sheet(meshes, condition)).save(staging / "preview.png")
+        return names + ["preview.png"]
+
+    return write_staged(out, write)
+
+
+def check_formats(formats: Sequence[str]) -> None:
     unknown = set(formats) - set(MESH_FORMATS)
     if unknown:
         raise ShapekilnError(f"unknown mesh format {sorted(unknown)[0]!r} (choose from {', '.join(MESH_FORMATS)})")
+
+
+def write_shape(folder: Path, stem: str, mesh: trimesh.Trimesh, tsdf: np.ndarray, formats: Sequence[str]) -> list[str]:
+    """`stem.npy` (the grid, float32) and `stem.<format>` for each mesh format (none for an empty mesh); the names written."""
+    np.save(folder / f"{stem}.npy", np.asarray(tsdf, dtype=np.float32), allow_pickle=False)
+    if len(mesh.faces) == 0:
+        return [f"{stem}.npy"]  # no surface: the grid alone is written
+    for fmt in formats:
+        mesh.export(folder / f"{stem}.{fmt}")
+    return [f"{stem}.npy"] + [f"{stem}.{fmt}" for fmt in formats]
+
+
+def write_staged(out: str | Path, write: Callable[[Path], list[str]]) -> list[Path]:
+    """Run `write(staging)` in a temporary folder inside `out`, then move the files it names into `out`.
+
+    A failure part-way leaves `out` as it was, apart from files already moved whole.
+    """
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -50,18 +81,7 @@ def write_samples(meshes: Sequence[trimesh.Trimesh], tsdfs: Sequence[np.ndarray]
     except OSError as error:
         raise ShapekilnError(f"cannot write to output directory {out}: {error.strerror or error}") from None
     try:
-        names = []
-        for index, (mesh, tsdf) in enumerate(zip(meshes, tsdfs)):
-            stem = f"{prefix}_{index}"
-            np.save(staging / f"{stem}.npy", np.asarray(tsdf, dtype=np.float32), allow_pickle=False)
-            names.append(f"{stem}.npy")
-            if len(mesh.faces) == 0:
-                continue  # no surface: the grid alone is written
-            for fmt in formats:
-                mesh.export(staging / f"{stem}.{fmt}")
-                names.append(f"{stem}.{fmt}")
-        preview_sheet(meshes, condition).save(staging / "preview.png")
-        names.append("preview.png")
+        names = write(staging)
         written = []
         for name in names:
             os.replace(staging / name, out / name)

@@ -42,10 +42,15 @@ def load_partial(path: str | Path, resolution: int, tau: float, keep: str, norma
         raise ShapekilnError(f"partial shape not found: {path}")
     suffix = path.suffix.lower()
     if suffix == ".npy":
-        return _from_grid(path, resolution, keep)
+        return PartialShape(read_grid(path, resolution), known_region(keep, resolution))
     points = _read_points(path) if suffix in POINT_CLOUD_EXTENSIONS else None
     if points is not None:
         return _from_points(points, resolution, tau, keep, normalize_input)
+    return PartialShape(mesh_tsdf(path, resolution, tau, normalize_input), known_region(keep, resolution))
+
+
+def mesh_tsdf(path: Path, resolution: int, tau: float, normalize_input: bool = False) -> np.ndarray:
+    """A mesh file in the model's frame (or fitted into it with `normalize_input`) → its TSDF grid (R, R, R)."""
     mesh = load_mesh(path)
     try:
         check_mesh(mesh)
@@ -54,8 +59,7 @@ def load_partial(path: str | Path, resolution: int, tau: float, keep: str, norma
     if normalize_input:
         mesh, _ = normalize(mesh, EXTENT)
     _check_inside_cube(mesh.vertices, path)
-    tsdf = compute_tsdf(mesh.vertices, mesh.faces, resolution, tau)
-    return PartialShape(tsdf, known_region(keep, resolution))
+    return compute_tsdf(mesh.vertices, mesh.faces, resolution, tau)
 
 
 def known_region(keep: str, resolution: int, points: np.ndarray | None = None) -> np.ndarray:
@@ -83,16 +87,18 @@ def known_region(keep: str, resolution: int, points: np.ndarray | None = None) -
     raise ShapekilnError(f"--keep {keep!r}: give a half-space like z<0 or x>0.2, box:x0,y0,z0,x1,y1,z1, or observed")
 
 
-def _from_grid(path: Path, resolution: int, keep: str) -> PartialShape:
+def read_grid(path: Path, resolution: int | None) -> np.ndarray:
+    """A TSDF grid saved as .npy (as `shapekiln sample` writes them) → float32 (R, R, R), checked (any R when `resolution` is None)."""
     try:
         tsdf = np.load(path, allow_pickle=False)
     except (ValueError, OSError) as error:
         raise ShapekilnError(f"{path}: not a readable .npy grid ({error})") from None
-    if tsdf.shape != (resolution,) * 3 or not np.issubdtype(tsdf.dtype, np.floating):
-        raise ShapekilnError(f"{path}: expected a float {resolution}³ TSDF grid, got {tsdf.dtype} {tsdf.shape}")
+    expected = (resolution,) * 3 if resolution is not None else (tsdf.shape[0],) * 3
+    if tsdf.shape != expected or not np.issubdtype(tsdf.dtype, np.floating):
+        raise ShapekilnError(f"{path}: expected a float {resolution or 'R'}³ TSDF grid, got {tsdf.dtype} {tsdf.shape}")
     if not np.isfinite(tsdf).all():
         raise ShapekilnError(f"{path}: the grid has NaN or infinite values")
-    return PartialShape(tsdf.astype(np.float32), known_region(keep, resolution))
+    return tsdf.astype(np.float32)
 
 
 def _read_points(path: Path) -> np.ndarray | None:

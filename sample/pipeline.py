@@ -53,16 +53,28 @@ class PipelineConfig:
 
 @dataclass
 class Shape:
-    """One generated shape: the TSDF grid (R, R, R), negative inside, and its marching-cubes mesh."""
+    """One generated shape: the TSDF grid (R, R, R), negative inside, and its marching-cubes mesh.
+
+    After SDS refinement `unrefined` holds the sampled grid before it, and `colors` the optimized
+    albedo grid (3, R, R, R) when color was refined (the mesh then has vertex colors).
+    """
 
     tsdf: np.ndarray
     level: float = 0.0
+    colors: np.ndarray | None = None
+    unrefined: np.ndarray | None = None
+    refine_stopped: str | None = None  # why refinement ended early (non-finite values; the grid is the last finite state)
     _mesh: trimesh.Trimesh | None = field(default=None, repr=False)
 
     @property
     def mesh(self) -> trimesh.Trimesh:
         if self._mesh is None:
-            self._mesh = tsdf_to_mesh(self.tsdf, self.level)
+            if self.colors is None:
+                self._mesh = tsdf_to_mesh(self.tsdf, self.level)
+            else:
+                from shapekiln.sample.refine import colored_mesh
+
+                self._mesh = colored_mesh(self.tsdf, self.colors, self.level)
         return self._mesh
 
 
@@ -73,10 +85,14 @@ class ShapeOutput:
 
 
 class ShapePipeline:
+    """`refine` (a sample.refine.RefineConfig) makes every call end with SDS refinement toward its prompt,
+    under the 2D `prior` (a DiffusionPrior or the path of one; from_pretrained's default: the folder's view_prior/)."""
+
     def __init__(self, unet: UNet3DModel, conditioning: ConditionModel, vqvae: VQVAE, scheduler: DDPMScheduler,
-                 config: PipelineConfig):
+                 config: PipelineConfig, refine: Any = None, prior: Any = None):
         self.unet, self.conditioning, self.vqvae = unet, conditioning, vqvae  # modes are the caller's (from_pretrained: eval)
         self.scheduler, self.config = scheduler, config
+        self.refine, self.prior = refine, prior
         self.model = LatentDiffusion(self.unet, self.conditioning)
         self.latent_mean = torch.tensor(config.latent_mean, dtype=torch.float32)
         self.latent_std = torch.tensor(config.latent_std, dtype=torch.float32)
@@ -97,7 +113,8 @@ class ShapePipeline:
         return self
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: torch.device | str = "cpu") -> ShapePipeline:
+    def from_pretrained(cls, path: str | Path, device: torch.device | str = "cpu", refine: Any = None,
+                        prior: Any = None) -> ShapePipeline:
         path = Path(path)
         if not (path / "pipeline.json").is_file():
             raise ShapekilnError(f"{path} is not a saved shape pipeline (no pipeline.json); give the folder `shapekiln train ldm` wrote")
@@ -112,7 +129,9 @@ class ShapePipeline:
             raise ShapekilnError(f"{path} has no scheduler/scheduler_config.json")
         scheduler = DDPMScheduler.from_pretrained(str(path / "scheduler"))
         conditioning.attach_towers(device)
-        return cls(unet.eval(), conditioning.eval(), vqvae.eval(), scheduler, config).to(device)
+        if refine is not None and prior is None and (path / "view_prior").is_dir():
+            prior = path / "view_prior"
+        return cls(unet.eval(), conditioning.eval(), vqvae.eval(), scheduler, config, refine, prior).to(device)
 
     def save_pretrained(self, path: str | Path) -> Path:
         """Write the folder under a temporary name and rename it into place: never half-written."""
@@ -162,6 +181,7 @@ class ShapePipeline:
         completion: Literal["learned", "inpaint"] = "learned",
         batched_guidance: bool = True,
         progress: bool = True,
+        refine: Any = None,
     ) -> ShapeOutput:
         """Sample `num_samples` shapes for one set of conditions.
 
@@ -169,7 +189,8 @@ class ShapePipeline:
         and known_mask: a TSDF (R, R, R) and which of its voxels are known. guidance: a weight per
         given modality (default `config.guidance` each). completion: "learned" feeds the partial shape
         as a condition; "inpaint" is SDFusion's training-free completion (known latent cells are kept,
-        noised to each step's level, and only the rest is diffused).
+        noised to each step's level, and only the rest is diffused). refine: a RefineConfig that
+        replaces the pipeline's own (SDS toward `text` after sampling; see sample/refine.py).
         """
         steps = self.config.steps if steps is None else steps
         if steps < 1:
@@ -206,7 +227,28 @@ class ShapePipeline:
         latent = self.denormalize(latent)
         tsdf = self.vqvae.decode(latent).clamp(-self.config.tau, self.config.tau)  # (N, 1, R, R, R)
         shapes = [Shape(grid[0].float().cpu().numpy(), self.config.mc_level) for grid in tsdf]
+        refine = refine if refine is not None else self.refine
+        if refine is not None:
+            shapes = self._refined(shapes, latent, text, refine, progress)
         return ShapeOutput(shapes=shapes, latents=latent.cpu())
+
+    def _refined(self, shapes: list[Shape], latents: torch.Tensor, text: str | None, config: Any, progress: bool) -> list[Shape]:
+        """Each sample refined by SDS, starting from its own latent (or its grid, for config.target "grid")."""
+        from shapekiln.models.priors import DiffusionPrior, load_prior
+        from shapekiln.sample.refine import refine
+
+        if self.prior is None:
+            raise ShapekilnError("refinement needs a 2D prior: pass prior= (a view-prior folder from `shapekiln train view-prior`, "
+                                 "or a Stable Diffusion folder), or put a view_prior/ folder in the pipeline folder")
+        if not isinstance(self.prior, DiffusionPrior):
+            self.prior = load_prior(self.prior, device=self.device)
+        refined = []
+        with torch.enable_grad():
+            for shape, latent in zip(shapes, latents):
+                result = refine(shape.tsdf, self.prior, text, config, tau=self.config.tau, vqvae=self.vqvae, latent=latent.cpu(),
+                                progress=progress)
+                refined.append(Shape(result.tsdf, shape.level, colors=result.colors, unrefined=shape.tsdf, refine_stopped=result.stopped))
+        return refined
 
     def guided_prediction(self, latent: torch.Tensor, t: torch.Tensor, conditions: Conditions,
                           weights: dict[str, float], batched: bool = True) -> torch.Tensor:

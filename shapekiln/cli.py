@@ -63,14 +63,43 @@ def build_parser() -> argparse.ArgumentParser:
     ldm.add_argument("--vqvae", help="the VQ-VAE folder the latents were encoded with (overrides vqvae)")
     ldm.set_defaults(run=_run_train_ldm)
 
+    view_prior = models.add_parser("view-prior", help="the view prior (2D text-to-image diffusion for SDS) on the shards' views")
+    add_train_arguments(view_prior, "view_prior")
+    view_prior.set_defaults(run=_run_train_view_prior)
+
     sample = commands.add_parser("sample", help="generate shapes from text and/or an image")
     sample.add_argument("--ckpt", type=Path, required=True, help="saved pipeline folder (RUN/pipeline)")
     sample.add_argument("--text", help="the prompt")
     sample.add_argument("--image", type=Path, help="an image of the object (PNG, JPEG, ...)")
     sample.add_argument("--w-text", type=float, help="text guidance weight (default: the pipeline's, 3)")
     sample.add_argument("--w-image", type=float, help="image guidance weight")
+    sample.add_argument("--refine-steps", type=int, default=0, help="then refine each shape toward --text with this many SDS steps (default 0: no refinement)")
+    sample.add_argument("--prior", type=Path, help="2D prior for --refine-steps: a view-prior folder or a local Stable Diffusion folder (default: CKPT/view_prior)")
     _add_sampling_options(sample)
     sample.set_defaults(run=_run_sample)
+
+    refine = commands.add_parser("refine", help="refine a shape toward a prompt by Score Distillation Sampling with a 2D diffusion prior")
+    refine.add_argument("input", type=Path, help="the shape: a TSDF .npy (as `sample` writes them) or a mesh in [-1, 1]³")
+    refine.add_argument("--text", help="the prompt (without it: unconditional SDS)")
+    refine.add_argument("--prior", type=Path, help="a view-prior folder (`train view-prior`) or a local Stable Diffusion folder (default: CKPT/view_prior)")
+    refine.add_argument("--steps", type=int, default=200, help="SDS steps (default 200)")
+    refine.add_argument("--ckpt", type=Path, help="a pipeline folder: optimize the shape's latent under its VQ-VAE")
+    refine.add_argument("--vqvae", type=Path, help="a VQ-VAE folder: optimize the shape's latent under it")
+    refine.add_argument("--target", choices=["auto", "grid", "latent"], default="auto", help="what is optimized (default: latent with a VQ-VAE, else a residual grid)")
+    refine.add_argument("--color", action="store_true", help="also optimize an albedo grid (vertex colors in the meshes)")
+    refine.add_argument("--guidance", type=float, help="classifier-free guidance weight (default 10)")
+    refine.add_argument("--lr", type=float, help="learning rate (default 0.005 for a grid, 0.02 for a latent)")
+    refine.add_argument("--views", type=int, help="random views per step (default 2)")
+    refine.add_argument("--anchor", type=float, help="weight of the distance to the starting shape (default 1)")
+    refine.add_argument("--resolution", type=int, default=32, help="grid size for a mesh input without a VQ-VAE (default 32)")
+    refine.add_argument("--tau", type=float, default=0.2, help="truncation of the grid (default 0.2)")
+    refine.add_argument("--normalize", action="store_true", help="fit a mesh input into [-1, 1]³ as data preparation does")
+    refine.add_argument("--seed", type=int, default=0)
+    refine.add_argument("--out", type=Path, default=Path("refined"), help="output directory (default refined/)")
+    refine.add_argument("--formats", default="obj,glb,ply", help="mesh formats to write (default obj,glb,ply)")
+    refine.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    refine.add_argument("--no-progress", action="store_true")
+    refine.set_defaults(run=_run_refine)
 
     complete = commands.add_parser("complete", help="complete a partial shape (mesh, point cloud or TSDF .npy)")
     complete.add_argument("input", type=Path, help="the partial shape: a mesh, a point cloud (.ply/.xyz) or a TSDF .npy")
@@ -286,9 +315,16 @@ def _run_train_ldm(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_train_view_prior(args: argparse.Namespace) -> int:
+    from shapekiln.train.view_prior import config_from_args, train
+
+    train(config_from_args(args), resume=args.resume, progress=not args.no_progress, time_limit=time_limit_seconds(args))
+    return 0
+
+
 def _check_sampling_args(args: argparse.Namespace) -> list[str]:
     """Validate before the slow imports; return the mesh formats."""
-    if args.n < 1:
+    if getattr(args, "n", 1) < 1:
         raise ShapekilnError(f"--n must be at least 1, got {args.n}")
     if args.steps is not None and args.steps < 1:
         raise ShapekilnError(f"--steps must be at least 1, got {args.steps}")
@@ -312,13 +348,24 @@ def _run_sample(args: argparse.Namespace) -> int:
     from shapekiln.sample.export import write_samples
     from shapekiln.sample.pipeline import ShapePipeline, load_image
 
+    if args.refine_steps < 0:
+        raise ShapekilnError(f"--refine-steps must not be negative, got {args.refine_steps}")
+    refine = None
+    if args.refine_steps:
+        from shapekiln.sample.refine import RefineConfig
+
+        refine = RefineConfig(steps=args.refine_steps, seed=args.seed)
+        refine.validate()
     image = load_image(args.image) if args.image is not None else None  # a bad image fails before the model loads
-    pipeline = ShapePipeline.from_pretrained(args.ckpt, device=_device(args))
+    pipeline = ShapePipeline.from_pretrained(args.ckpt, device=_device(args), refine=refine, prior=args.prior)
     output = pipeline(text=args.text, image=image, guidance=_guidance(args, "text", "image"), num_samples=args.n,
                       steps=args.steps, scheduler=args.scheduler, seed=args.seed, progress=not args.no_progress)
     condition = {"text": args.text, "image": _image_array(image)}
     written = write_samples([s.mesh for s in output.shapes], [s.tsdf for s in output.shapes], args.out, condition, formats)
     print(f"sample: {len(output.shapes)} shapes → {args.out} (preview: {args.out / 'preview.png'}, {len(written)} files)")
+    stopped = [f"shape {i}: {s.refine_stopped}" for i, s in enumerate(output.shapes) if s.refine_stopped]
+    if stopped:
+        raise ShapekilnError("refinement stopped early (" + "; ".join(stopped) + "); the files hold the last finite state")
     return 0
 
 
@@ -351,6 +398,43 @@ def _run_complete(args: argparse.Namespace) -> int:
     condition = {"text": args.text or f"keep {args.keep}", "partial": kept}
     written = write_samples([s.mesh for s in output.shapes], [s.tsdf for s in output.shapes], args.out, condition, formats, prefix="completion")
     print(f"complete: {len(output.shapes)} completions → {args.out} (preview: {args.out / 'preview.png'}, {len(written)} files)")
+    return 0
+
+
+def _run_refine(args: argparse.Namespace) -> int:
+    formats = _check_sampling_args(args)
+    if args.text is not None and not args.text.strip():
+        raise ShapekilnError("--text is empty")
+    if args.ckpt is not None and args.vqvae is not None:
+        raise ShapekilnError("give --ckpt or --vqvae, not both")
+    if args.prior is None and (args.ckpt is None or not (args.ckpt / "view_prior").is_dir()):
+        raise ShapekilnError("no prior: give --prior (a folder from `shapekiln train view-prior`, or a Stable Diffusion folder)")
+    from shapekiln.sample.refine import RefineConfig, load_shape, refine, write_refined
+
+    config = RefineConfig(steps=args.steps, target=args.target, color=args.color, lr=args.lr, seed=args.seed,
+                          shadings=("shaded", "textureless", "albedo") if args.color else ("shaded",))
+    for option, name in (("guidance", "guidance"), ("views", "views_per_step"), ("anchor", "anchor_weight")):
+        if getattr(args, option) is not None:
+            setattr(config, name, getattr(args, option))
+    config.validate()
+
+    from shapekiln.models.io import load_pretrained
+    from shapekiln.models.priors import load_prior
+    from shapekiln.models.vqvae import VQVAE
+
+    device = _device(args)
+    vqvae_dir = args.vqvae or (args.ckpt / "vqvae" if args.ckpt is not None else None)
+    vqvae = load_pretrained(VQVAE, vqvae_dir).eval() if vqvae_dir is not None else None
+    tau = vqvae.config.tau if vqvae is not None else args.tau
+    start = load_shape(args.input, vqvae.config.resolution if vqvae is not None else None, tau, args.normalize, args.resolution)
+    prior = load_prior(args.prior or args.ckpt / "view_prior", device=device)
+    result = refine(start, prior, args.text, config, tau=tau, vqvae=vqvae.to(device) if vqvae is not None else None,
+                    log_dir=args.out / "logs", progress=not args.no_progress)
+    written = write_refined(result, args.out, args.text, formats)
+    print(f"refine: {result.steps} steps, {result.seconds_per_step:.2f} s/step → {args.out} "
+          f"(preview: {args.out / 'preview.png'}, {len(written)} files; loss curve: tensorboard --logdir {args.out / 'logs'})")
+    if result.stopped:
+        raise ShapekilnError(f"refinement stopped early: {result.stopped}; {args.out} holds that state")
     return 0
 
 
