@@ -28,7 +28,9 @@ from shapekiln.data_prep.sources.synthetic import captions_for
 from shapekiln.errors import ShapekilnError
 from shapekiln.metrics import chamfer_distance, surface_points
 from shapekiln.models.attributes import classify, load_attribute_classifier, train_attribute_classifier
+from shapekiln.models.io import load_pretrained
 from shapekiln.models.priors import load_prior
+from shapekiln.models.vqvae import VQVAE
 from shapekiln.sample.refine import RefineConfig, refine
 
 # (category, attribute, the shape's value, the asked value)
@@ -73,11 +75,13 @@ def main() -> None:
     parser.add_argument("--prior-minutes", type=float, default=10.0)
     parser.add_argument("--classifier", type=Path, help="attribute classifier folder (default: train one into OUT/classifier)")
     parser.add_argument("--count", type=int, default=4, help="shapes per case")
-    parser.add_argument("--steps", type=int, default=150, help="refinement steps per shape")
+    parser.add_argument("--steps", type=int, default=600, help="refinement steps per shape")
     parser.add_argument("--guidance", type=float, default=RefineConfig.guidance)
     parser.add_argument("--anchor", type=float, default=RefineConfig.anchor_weight)
     parser.add_argument("--lr", type=float)
-    parser.add_argument("--color", action="store_true", help="also refine an albedo grid")
+    parser.add_argument("--views", type=int, default=RefineConfig.views_per_step, help="random views per step")
+    parser.add_argument("--vqvae", type=Path, help="optimize the shapes' latents under this VQ-VAE (default: a residual grid)")
+    parser.add_argument("--no-color", action="store_true", help="refine the shape only, not an albedo grid")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -92,8 +96,9 @@ def main() -> None:
     if not (prior_dir / "view_prior.json").is_file() and not (prior_dir / "model_index.json").is_file():
         prior_dir = train_prior(args.data, args.out / "view_prior", args.prior_minutes)
     prior = load_prior(prior_dir)
-    config = RefineConfig(steps=args.steps, guidance=args.guidance, anchor_weight=args.anchor, lr=args.lr, color=args.color,
-                          seed=args.seed, shadings=("shaded", "albedo") if args.color else ("shaded",))
+    config = RefineConfig(steps=args.steps, guidance=args.guidance, anchor_weight=args.anchor, lr=args.lr, color=not args.no_color,
+                          views_per_step=args.views, seed=args.seed, shadings=("shaded",) if args.no_color else RefineConfig.shadings)
+    vqvae = load_pretrained(VQVAE, args.vqvae).eval() if args.vqvae else None
 
     rows, everything = [], {"before": [], "after": [], "chamfer": [], "seconds_per_step": [], "minutes": []}
     for case, samples in held_out(args.data, args.count).items():
@@ -104,7 +109,7 @@ def main() -> None:
             asked = {**sample["attributes"], attribute: wanted}
             prompt = captions_for(category, asked)[0]
             started = time.perf_counter()
-            result = refine(tsdf, prior, prompt, config, tau=0.2, progress=False)
+            result = refine(tsdf, prior, prompt, config, tau=0.2, vqvae=vqvae, progress=False)
             minutes = (time.perf_counter() - started) / 60
             before, after = classify(classifier, np.stack([tsdf, result.tsdf]))
             before_hits.append(before.get(attribute) == wanted and before["category"] == category)
@@ -119,7 +124,8 @@ def main() -> None:
         everything["after"] += after_hits
         everything["chamfer"] += chamfers
 
-    print(f"\nSDS refinement, prior {prior_dir}, {args.steps} steps, guidance {args.guidance}, anchor {args.anchor}; "
+    print(f"\nSDS refinement of {'the latent' if vqvae is not None else 'a residual grid'}{'' if args.no_color else ' and albedo'}, "
+          f"prior {prior_dir}, {args.steps} steps, {args.views} views/step, guidance {args.guidance}, anchor {args.anchor}; "
           f"{torch.get_num_threads()} threads")
     print(f"{'case':34} {'n':>3} {'acc before':>11} {'acc after':>10} {'Δ points':>9} {'CD-L1 change':>13}")
     for name, n, before, after, chamfer in rows + [("all", len(everything["before"]), np.mean(everything["before"]),

@@ -14,7 +14,6 @@ Nothing is downloaded and every weight file is read with safetensors, never unpi
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence

@@ -50,11 +50,13 @@ class RefineConfig:
     """What `refine` optimizes and how; the defaults suit the small view prior on a 32³ grid."""
 
     steps: int = 200
-    target: Literal["auto", "grid", "latent"] = "auto"  # auto: latent when a VQ-VAE is given, else grid
-    color: bool = False  # also optimize an albedo grid (exported as vertex colors)
+    target: Literal["grid", "latent"] = "grid"  # latent needs the VQ-VAE; grid is the measured default (README)
+    # Also optimize an albedo grid (exported as vertex colors). On by default: the view prior only ever saw
+    # colored objects, and measured here a gray render is what it erases (thin gray parts vanished, colored ones stayed).
+    color: bool = True
     lr: float | None = None  # Adam; None: 0.005 for a grid residual (τ/40 per step), 0.02 for a latent
     color_lr: float = 0.05
-    guidance: float = 10.0  # classifier-free guidance weight of the prompt
+    guidance: float = 20.0  # classifier-free guidance weight of the prompt
     t_start: tuple[float, float] = (0.2, 0.8)  # timestep range (fractions of the prior's schedule) at the first step...
     t_end: tuple[float, float] = (0.02, 0.4)  # ...and at the last, linearly in between
     weighting: Literal["sds", "uniform"] = "sds"  # w(t) = 1 − ᾱ_t (DreamFusion) or 1
@@ -64,8 +66,8 @@ class RefineConfig:
     elevation_deg: tuple[float, float] = (5.0, 40.0)  # camera elevations drawn per step (the data's views: 15 and 30)
     light: Literal["headlight", "random"] = "headlight"  # headlight: the lighting the view prior saw in training
     background: Literal["white", "random"] = "white"
-    shadings: tuple[str, ...] = ("shaded",)  # drawn per step; with color, DreamFusion mixes albedo/shaded/textureless
-    anchor_weight: float = 1.0  # mean squared change of the TSDF, in units of τ²
+    shadings: tuple[str, ...] = ("shaded", "albedo")  # drawn per step (DreamFusion mixes albedo/shaded/textureless)
+    anchor_weight: float = 0.3  # mean squared change of the TSDF, in units of τ²
     tv_weight: float = 0.1  # mean |∇ residual| (grid target), in units of τ per voxel
     eikonal_weight: float = 0.0  # mean (|∇d| − 1)² over voxels in the band |d| < τ/2
     seed: int = 0
@@ -73,8 +75,8 @@ class RefineConfig:
     def validate(self) -> None:
         if self.steps < 1 or self.views_per_step < 1 or self.render_size < 8 or self.samples_per_ray < 2:
             raise ShapekilnError("refine: steps and views_per_step must be at least 1, render_size at least 8, samples_per_ray at least 2")
-        if self.target not in ("auto", "grid", "latent"):
-            raise ShapekilnError(f"refine: target must be auto, grid or latent, got {self.target!r}")
+        if self.target not in ("grid", "latent"):
+            raise ShapekilnError(f"refine: target must be grid or latent, got {self.target!r}")
         for name in ("t_start", "t_end"):
             low, high = getattr(self, name)
             if not 0.0 < low <= high < 1.0:
@@ -124,14 +126,14 @@ def refine(start: np.ndarray | torch.Tensor, prior: DiffusionPrior, text: str | 
            progress: bool = True) -> RefineResult:
     """Refine the TSDF grid `start` (R, R, R) toward `text` with SDS; see the module docstring.
 
-    With `vqvae` (and target "latent" or "auto") the VQ-VAE latent is optimized: `latent` (C, r, r, r,
+    With target "latent" the latent of `vqvae` is optimized: `latent` (C, r, r, r,
     pre-quantization, as `ShapePipeline` returns them) when given, else the encoding of `start`.
     `log_dir`: TensorBoard scalars (the loss curve) and before/after images.
     """
     config = config or RefineConfig()
     config.validate()
     start_tsdf = _as_grid(start)
-    target = config.target if config.target != "auto" else ("latent" if vqvae is not None else "grid")
+    target = config.target
     if target == "latent" and vqvae is None:
         raise ShapekilnError("refine: target 'latent' needs the VQ-VAE (give --vqvae or --ckpt)")
     if target == "latent" and start_tsdf.shape[0] != vqvae.config.resolution:

@@ -83,14 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
     refine.add_argument("--text", help="the prompt (without it: unconditional SDS)")
     refine.add_argument("--prior", type=Path, help="a view-prior folder (`train view-prior`) or a local Stable Diffusion folder (default: CKPT/view_prior)")
     refine.add_argument("--steps", type=int, default=200, help="SDS steps (default 200)")
-    refine.add_argument("--ckpt", type=Path, help="a pipeline folder: optimize the shape's latent under its VQ-VAE")
-    refine.add_argument("--vqvae", type=Path, help="a VQ-VAE folder: optimize the shape's latent under it")
-    refine.add_argument("--target", choices=["auto", "grid", "latent"], default="auto", help="what is optimized (default: latent with a VQ-VAE, else a residual grid)")
-    refine.add_argument("--color", action="store_true", help="also optimize an albedo grid (vertex colors in the meshes)")
-    refine.add_argument("--guidance", type=float, help="classifier-free guidance weight (default 10)")
+    refine.add_argument("--ckpt", type=Path, help="a pipeline folder: its VQ-VAE for --target latent, its view_prior/ when --prior is not given")
+    refine.add_argument("--vqvae", type=Path, help="a VQ-VAE folder for --target latent")
+    refine.add_argument("--target", choices=["grid", "latent"], default="grid", help="optimize a residual TSDF grid (default) or the shape's VQ-VAE latent")
+    refine.add_argument("--no-color", action="store_true", help="optimize the shape only (default: also an albedo grid, written as vertex colors)")
+    refine.add_argument("--guidance", type=float, help="classifier-free guidance weight (default 20)")
     refine.add_argument("--lr", type=float, help="learning rate (default 0.005 for a grid, 0.02 for a latent)")
     refine.add_argument("--views", type=int, help="random views per step (default 2)")
-    refine.add_argument("--anchor", type=float, help="weight of the distance to the starting shape (default 1)")
+    refine.add_argument("--anchor", type=float, help="weight of the distance to the starting shape (default 0.3)")
     refine.add_argument("--resolution", type=int, default=32, help="grid size for a mesh input without a VQ-VAE (default 32)")
     refine.add_argument("--tau", type=float, default=0.2, help="truncation of the grid (default 0.2)")
     refine.add_argument("--normalize", action="store_true", help="fit a mesh input into [-1, 1]³ as data preparation does")
@@ -411,8 +411,8 @@ def _run_refine(args: argparse.Namespace) -> int:
         raise ShapekilnError("no prior: give --prior (a folder from `shapekiln train view-prior`, or a Stable Diffusion folder)")
     from shapekiln.sample.refine import RefineConfig, load_shape, refine, write_refined
 
-    config = RefineConfig(steps=args.steps, target=args.target, color=args.color, lr=args.lr, seed=args.seed,
-                          shadings=("shaded", "textureless", "albedo") if args.color else ("shaded",))
+    config = RefineConfig(steps=args.steps, target=args.target, color=not args.no_color, lr=args.lr, seed=args.seed,
+                          shadings=("shaded",) if args.no_color else RefineConfig.shadings)
     for option, name in (("guidance", "guidance"), ("views", "views_per_step"), ("anchor", "anchor_weight")):
         if getattr(args, option) is not None:
             setattr(config, name, getattr(args, option))

@@ -41,7 +41,7 @@ def inputs(tmp_path_factory):
 def test_refine_writes_meshes_grid_preview_and_a_loss_curve(priors, inputs, tmp_path):
     out = tmp_path / "out"
     result = shapekiln("refine", inputs / "ball.obj", "--text", "a red ball", "--prior", priors / "text", "--steps", 2,
-                       "--resolution", 16, "--color", "--out", out, "--no-progress")
+                       "--resolution", 16, "--out", out, "--no-progress")
     assert "refine: 2 steps" in result.stdout
     names = sorted(p.name for p in out.iterdir())
     assert names == ["logs", "preview.png", "refined.glb", "refined.npy", "refined.obj", "refined.ply", "refined_colors.npy"]
@@ -52,7 +52,7 @@ def test_refine_writes_meshes_grid_preview_and_a_loss_curve(priors, inputs, tmp_
 def test_refine_optimizes_the_latent_of_a_pipeline_vqvae(priors, inputs, pipeline_dir, tmp_path):
     out = tmp_path / "out"
     shapekiln("refine", inputs / "ball.npy", "--text", "a ball", "--prior", priors / "text", "--ckpt", pipeline_dir,
-              "--steps", 1, "--out", out, "--no-progress")
+              "--target", "latent", "--steps", 1, "--out", out, "--no-progress")
     refined = np.load(out / "refined.npy")
     assert refined.shape == (16, 16, 16) and not np.allclose(refined, sphere(0.4, 16), atol=1e-3)
 

@@ -68,7 +68,8 @@ def occupancy_iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(((a < 0) & (b < 0)).sum() / ((a < 0) | (b < 0)).sum())
 
 
-FAST = dict(views_per_step=2, render_size=16, samples_per_ray=32, tv_weight=0.0, anchor_weight=0.0, guidance=1.0)
+FAST = dict(views_per_step=2, render_size=16, samples_per_ray=32, tv_weight=0.0, anchor_weight=0.0, guidance=1.0, color=False,
+            shadings=("shaded",))
 
 
 def test_refinement_grows_a_small_sphere_toward_the_big_one_the_prior_wants():
@@ -103,7 +104,7 @@ def test_color_refinement_moves_the_albedo_toward_the_prompted_color():
     mask = red.mean(0) < 0.99  # the ball's pixels
     red[:, mask] = torch.tensor([0.9, 0.1, 0.1]).view(3, 1)
     prior = GaussianImagePrior(red)
-    config = RefineConfig(steps=30, color=True, shadings=("albedo",), lr=1e-6, color_lr=0.1, **FAST)
+    config = RefineConfig(steps=30, lr=1e-6, color_lr=0.1, **{**FAST, "color": True, "shadings": ("albedo",)})
     result = refine(small, prior, "a red ball", config, tau=TAU, progress=False)
     surface = np.abs(result.tsdf) < 2.0 / R
     rgb = result.colors[:, surface].mean(axis=1)
@@ -118,13 +119,13 @@ def test_latent_refinement_moves_the_decoded_shape_and_keeps_the_vqvae_frozen():
     before = {name: p.clone() for name, p in vqvae.named_parameters()}
     prior = GaussianImagePrior(render_of(sphere(0.6), 16))
     start = sphere(0.3)
-    result = refine(start, prior, "a big ball", RefineConfig(steps=3, **FAST), tau=TAU, vqvae=vqvae, progress=False)
+    result = refine(start, prior, "a big ball", RefineConfig(steps=3, target="latent", **FAST), tau=TAU, vqvae=vqvae, progress=False)
     with torch.no_grad():
         decoded = vqvae.decode(vqvae.encode(torch.from_numpy(start)[None, None]), quantize=False)[0, 0].clamp(-TAU, TAU).numpy()
     assert result.steps == 3 and not np.allclose(result.tsdf, decoded)
     assert all(torch.equal(before[name], p) for name, p in vqvae.named_parameters())
     with pytest.raises(ShapekilnError, match="VQ-VAE works on 16³"):
-        refine(sphere(0.3, 8), prior, "a big ball", RefineConfig(steps=1, **FAST), tau=TAU, vqvae=vqvae, progress=False)
+        refine(sphere(0.3, 8), prior, "a big ball", RefineConfig(steps=1, target="latent", **FAST), tau=TAU, vqvae=vqvae, progress=False)
 
 
 def test_nan_gradients_stop_the_run_and_keep_the_last_finite_state():
@@ -178,7 +179,7 @@ def test_vertex_colors_are_the_albedo_grid_at_the_vertices():
 
 def test_write_refined_writes_meshes_grids_colors_and_a_before_after_preview(tmp_path):
     prior = GaussianImagePrior(render_of(sphere(0.6), 16))
-    result = refine(sphere(0.3), prior, "a big ball", RefineConfig(steps=2, color=True, shadings=("albedo", "shaded"), **FAST),
+    result = refine(sphere(0.3), prior, "a big ball", RefineConfig(steps=2, **{**FAST, "color": True, "shadings": ("albedo", "shaded")}),
                     tau=TAU, progress=False, log_dir=tmp_path / "logs")
     written = write_refined(result, tmp_path / "out", "a big ball")
     names = sorted(path.name for path in written)

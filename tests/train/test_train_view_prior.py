@@ -1,8 +1,6 @@
 """The view-prior trainer as a user runs it: real processes on real tiny shards."""
 
-import io
 import shutil
-import subprocess
 import sys
 
 import pytest
@@ -13,30 +11,7 @@ from safetensors.torch import load_file
 
 from shapekiln.models.priors import ViewPrior, load_prior, sds_loss
 
-
-def run(*args, check=True, **kwargs):
-    result = subprocess.run([*map(str, args)], capture_output=True, text=True, **kwargs)
-    if check:
-        assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
-def shapekiln(*args, check=True):
-    return run(sys.executable, "-m", "shapekiln.cli", *args, check=check)
-
-
-def one_error_line(result):
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("shapekiln: error:"), result.stderr
-    return lines[0]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny") / "data"
-    shapekiln("prep", "synthetic", "--count", 40, "--config", "tiny", "--out", out, "--no-progress")
-    return out
+from .test_train_vqvae import one_error_line, run, shapekiln
 
 
 @pytest.fixture(scope="module")

@@ -45,13 +45,6 @@ def one_error_line(result):
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny") / "data"
-    shapekiln("prep", "synthetic", "--count", 40, "--config", "tiny", "--out", out, "--no-progress")
-    return out
-
-
-@pytest.fixture(scope="module")
 def trained(data, tmp_path_factory):
     """A 4-step tiny run, checkpoints at steps 2 and 4."""
     out = tmp_path_factory.mktemp("run") / "vq"
