@@ -143,6 +143,9 @@ def refine(start: np.ndarray | torch.Tensor, prior: DiffusionPrior, text: str | 
     if text is not None and not text.strip():
         raise ShapekilnError("the prompt is empty")
 
+    # Everything lives where the prior does (its parameters' device); random draws come from one CPU generator.
+    device = next(iter(prior.parameters()), torch.empty(0)).device
+    start_tsdf = start_tsdf.to(device)
     generator = torch.Generator().manual_seed(config.seed)
     with torch.no_grad():
         text_condition = prior.encode_text([text] * config.views_per_step) if text is not None else prior.empty_text(config.views_per_step)
@@ -150,7 +153,7 @@ def refine(start: np.ndarray | torch.Tensor, prior: DiffusionPrior, text: str | 
     groups = [{"params": parameters, "lr": config.lr or (0.02 if target == "latent" else 0.005)}]
     colors_logit = None
     if config.color:
-        colors_logit = torch.full((3, *start_tsdf.shape), math.log(200 / 55), requires_grad=True)  # sigmoid → 200/255 gray
+        colors_logit = torch.full((3, *start_tsdf.shape), math.log(200 / 55), device=device, requires_grad=True)  # sigmoid → 200/255 gray
         groups.append({"params": [colors_logit], "lr": config.color_lr})
     optimizer = torch.optim.Adam(groups)
     render_config = RenderConfig(samples_per_ray=config.samples_per_ray)
@@ -159,29 +162,29 @@ def refine(start: np.ndarray | torch.Tensor, prior: DiffusionPrior, text: str | 
 
     def state() -> tuple[np.ndarray, np.ndarray | None]:
         with torch.no_grad():
-            tsdf = decode().clamp(-tau, tau).float().numpy()
-            colors = torch.sigmoid(colors_logit).numpy() if colors_logit is not None else None
+            tsdf = decode().clamp(-tau, tau).float().cpu().numpy()
+            colors = torch.sigmoid(colors_logit).cpu().numpy() if colors_logit is not None else None
         return tsdf, colors
 
     best = state()
-    result = RefineResult(tsdf=best[0], start=start_tsdf.numpy(), colors=best[1])
+    result = RefineResult(tsdf=best[0], start=start_tsdf.cpu().numpy(), colors=best[1])
     started = time.perf_counter()
     bar = tqdm(range(config.steps), desc="refine", unit="step", disable=not progress)
     for step in bar:
         fraction = step / max(config.steps - 1, 1)
         t_low, t_high = (a + fraction * (b - a) for a, b in zip(config.t_start, config.t_end))
         t = torch.randint(int(t_low * num_train_timesteps), int(t_high * num_train_timesteps) + 1,
-                          (config.views_per_step,), generator=generator)
+                          (config.views_per_step,), generator=generator).to(device)
         cameras = random_cameras(config.views_per_step, config.render_size, generator, elevation_deg=config.elevation_deg)
-        light = random_lights(cameras, generator) if config.light == "random" else None
-        background = random_backgrounds(config.views_per_step, generator) if config.background == "random" else 1.0
+        light = random_lights(cameras, generator).to(device) if config.light == "random" else None
+        background = random_backgrounds(config.views_per_step, generator).to(device) if config.background == "random" else 1.0
         shading = config.shadings[int(torch.randint(len(config.shadings), (1,), generator=generator))]
 
         tsdf = decode()
         colors = torch.sigmoid(colors_logit) if colors_logit is not None else None
         render = render_tsdf(tsdf, cameras, colors=colors, shading=shading, light=light, background=background,
                              config=render_config, generator=generator)
-        camera_angles = torch.tensor([[c.azimuth_deg, c.elevation_deg] for c in cameras], dtype=torch.float32)
+        camera_angles = torch.tensor([[c.azimuth_deg, c.elevation_deg] for c in cameras], dtype=torch.float32, device=device)
         sds = sds_loss(prior, render.rgb, text_condition, guidance_scale=config.guidance, t=t, cameras=camera_angles,
                        weighting=config.weighting, generator=generator)
         # per element of x0, so the regularizer weights mean the same at any render size and view count
@@ -241,7 +244,7 @@ def _parameterize(start: torch.Tensor, target: str, vqvae: VQVAE | None, latent:
         return [residual], lambda: start + residual
     vqvae.eval().requires_grad_(False)
     with torch.no_grad():
-        initial = latent.float().reshape(1, *vqvae.latent_shape) if latent is not None else vqvae.encode(start[None, None])
+        initial = latent.float().reshape(1, *vqvae.latent_shape).to(start.device) if latent is not None else vqvae.encode(start[None, None])
     code = initial.clone().requires_grad_(True)  # (1, C, r, r, r)
     # No quantization while optimizing (it would stop the gradient); the exported grid is decoded the same way.
     return [code], lambda: vqvae.decode(code, quantize=False)[0, 0]
