@@ -41,16 +41,26 @@ def list_shards(data: str | Path | Sequence[str | Path], split: str = "train") -
     return shards
 
 
-def check_dataset(shards: str | Path, resolution: int, tau: float) -> None:
-    """Fail before any work when a prepared dataset's grid size or truncation is not the model's."""
+def dataset_config(shards: str | Path) -> dict[str, Any] | None:
+    """The processing config a prepared directory was written with (its dataset.json: resolution, tau,
+    views, ...); None for a glob or a list of shards, which carry no description."""
     manifest = Path(shards) / "dataset.json"
     if not manifest.is_file():
-        return  # a glob or list of shards: the reader checks each grid's size as it reads
+        return None
     try:
         prepared = json.loads(manifest.read_text())["config"]
-        grid, truncation = int(prepared["resolution"]), float(prepared["tau"])
+        int(prepared["resolution"]), float(prepared["tau"])  # every reader of it needs these two: checked here once
     except (OSError, ValueError, KeyError, TypeError):
         raise ShapekilnError(f"{manifest} is not a shapekiln dataset description") from None
+    return prepared
+
+
+def check_dataset(shards: str | Path, resolution: int, tau: float) -> None:
+    """Fail before any work when a prepared dataset's grid size or truncation is not the model's."""
+    prepared = dataset_config(shards)
+    if prepared is None:
+        return  # a glob or list of shards: the reader checks each grid's size as it reads
+    grid, truncation = int(prepared["resolution"]), float(prepared["tau"])
     if grid != resolution:
         raise ShapekilnError(f"{shards} holds {grid}³ grids but the model expects {resolution}³; prepare the data with --resolution {resolution} or use the matching config")
     if abs(truncation - tau) > 1e-9:

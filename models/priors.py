@@ -24,7 +24,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
-from shapekiln.errors import ShapekilnError
+from shapekiln.errors import ShapekilnError, first_line
 
 VIEW_PRIOR_FILE = "view_prior.json"
 EMPTY_TEXT_FILE = "empty_text.safetensors"
@@ -84,6 +84,21 @@ class DiffusionPrior(nn.Module):
         """x0 → RGB in [0, 1] (previews)."""
         raise NotImplementedError
 
+    def guided_noise(self, x_t: torch.Tensor, t: torch.Tensor, text: TextCondition | None, guidance_scale: float,
+                     cameras: torch.Tensor | None = None) -> torch.Tensor:
+        """ε̂ = ε(x_t, ∅) + s·(ε(x_t, c) − ε(x_t, ∅)), both branches in one predict_noise call of batch 2B.
+        `text` None: ε(x_t, ∅) alone (unconditional); s = 1: ε(x_t, c) alone, which the formula reduces to."""
+        batch = x_t.shape[0]
+        if text is None:
+            return self.predict_noise(x_t, t, self.empty_text(batch), cameras)
+        if guidance_scale == 1.0:
+            return self.predict_noise(x_t, t, text, cameras)
+        t = torch.as_tensor(t, device=x_t.device).reshape(-1).expand(batch)
+        both = TextCondition.cat(self.empty_text(batch), text)
+        cameras_both = None if cameras is None else torch.cat([cameras, cameras])
+        unconditional, conditional = self.predict_noise(torch.cat([x_t, x_t]), torch.cat([t, t]), both, cameras_both).chunk(2)
+        return unconditional + guidance_scale * (conditional - unconditional)
+
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
@@ -140,15 +155,7 @@ def sds_loss(prior: DiffusionPrior, rgb: torch.Tensor, text: TextCondition | Non
 
     with torch.no_grad():
         x_t = scheduler.add_noise(x0.detach(), noise, t)
-        if text is None:
-            noise_pred = prior.predict_noise(x_t, t, prior.empty_text(batch), cameras)
-        elif guidance_scale == 1.0:  # ε_∅ + 1·(ε_c − ε_∅) = ε_c
-            noise_pred = prior.predict_noise(x_t, t, text, cameras)
-        else:
-            both = TextCondition.cat(prior.empty_text(batch), text)
-            cameras_both = None if cameras is None else torch.cat([cameras, cameras])
-            unconditional, conditional = prior.predict_noise(torch.cat([x_t, x_t]), torch.cat([t, t]), both, cameras_both).chunk(2)
-            noise_pred = unconditional + guidance_scale * (conditional - unconditional)
+        noise_pred = prior.guided_noise(x_t, t, text, guidance_scale, cameras)
         alphas_cumprod = scheduler.alphas_cumprod.to(x0.device)[t].to(x0.dtype).view(-1, *([1] * (x0.ndim - 1)))
         weight = 1.0 - alphas_cumprod if weighting == "sds" else torch.ones_like(alphas_cumprod)
         # NaN stays NaN: the caller must see a broken prior (refine stops on it) rather than a zero push.
@@ -296,17 +303,11 @@ class ViewPrior(DiffusionPrior):
         sampler = DDIMScheduler.from_config(self.scheduler.config)
         sampler.set_timesteps(steps, device=device)
         image = randn_tensor((count, 3, self.image_size, self.image_size), generator=generator, device=device)
-        empty = self.empty_text(count)
-        both = None if unconditional else TextCondition.cat(empty, self.encode_text(list(prompts)))
+        text = None if unconditional else self.encode_text(list(prompts))
         if cameras is not None:
             cameras = torch.as_tensor(cameras, dtype=torch.float32, device=device)
         for t in sampler.timesteps:
-            if both is None:
-                noise_pred = self.predict_noise(image, t, empty, cameras)
-            else:
-                cameras_both = None if cameras is None else torch.cat([cameras, cameras])
-                unconditional_pred, conditional_pred = self.predict_noise(torch.cat([image, image]), t, both, cameras_both).chunk(2)
-                noise_pred = unconditional_pred + guidance_scale * (conditional_pred - unconditional_pred)
+            noise_pred = self.guided_noise(image, t, text, guidance_scale, cameras)
             image = sampler.step(noise_pred, t, image, generator=generator).prev_sample
         return self.decode(image)
 
@@ -354,7 +355,7 @@ class ViewPrior(DiffusionPrior):
             scheduler = DDPMScheduler.from_pretrained(str(folder / "scheduler"), local_files_only=True)
             empty = load_file(str(folder / EMPTY_TEXT_FILE))["empty_token"]
         except (OSError, ValueError, KeyError, SafetensorError) as error:
-            raise ShapekilnError(f"cannot load view prior {folder}: {_first_line(error)}") from None
+            raise ShapekilnError(f"cannot load view prior {folder}: {first_line(error)}") from None
         tower = load_text_tower(text) if text is not None else None
         prior = cls(unet, scheduler, tower, camera=camera, background=background, text_tokens=text_tokens)
         if empty.shape != prior.empty_token.shape:
@@ -405,7 +406,7 @@ class StableDiffusionPrior(DiffusionPrior):
             # Whatever sampler the directory saved (PNDM, DDIM, ...): SDS needs only its training schedule.
             scheduler = DDPMScheduler.from_pretrained(str(folder), subfolder="scheduler", local_files_only=True)
         except (OSError, ValueError, KeyError, TypeError) as error:
-            raise ShapekilnError(f"cannot load Stable Diffusion from {folder}: {_first_line(error)}") from None
+            raise ShapekilnError(f"cannot load Stable Diffusion from {folder}: {first_line(error)}") from None
         return cls(unet, vae, text_encoder, tokenizer, scheduler).to(device)
 
     @property
@@ -465,7 +466,3 @@ def load_prior(path: str | Path, device: str | torch.device = "cpu") -> Diffusio
     (model_index.json + unet/ vae/ text_encoder/ tokenizer/ scheduler/) → StableDiffusionPrior."""
     return PRIORS[prior_kind(path)].from_pretrained(path, device=device)
 
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

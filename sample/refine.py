@@ -160,14 +160,8 @@ def refine(start: np.ndarray | torch.Tensor, prior: DiffusionPrior, text: str | 
     writer = _writer(log_dir)
     num_train_timesteps = prior.scheduler.config.num_train_timesteps
 
-    def state() -> tuple[np.ndarray, np.ndarray | None]:
-        with torch.no_grad():
-            tsdf = decode().clamp(-tau, tau).float().cpu().numpy()
-            colors = torch.sigmoid(colors_logit).cpu().numpy() if colors_logit is not None else None
-        return tsdf, colors
-
-    best = state()
-    result = RefineResult(tsdf=best[0], start=start_tsdf.cpu().numpy(), colors=best[1])
+    losses: list[dict[str, float]] = []
+    stopped = None
     started = time.perf_counter()
     bar = tqdm(range(config.steps), desc="refine", unit="step", disable=not progress)
     for step in bar:
@@ -194,19 +188,22 @@ def refine(start: np.ndarray | torch.Tensor, prior: DiffusionPrior, text: str | 
         loss.backward()
         gradients = [p.grad for group in groups for p in group["params"] if p.grad is not None]
         if not torch.isfinite(loss) or not all(torch.isfinite(g).all() for g in gradients):
-            result.stopped = f"the loss or its gradient became NaN or infinite at step {step + 1}; kept the state after step {step}"
+            # the update is skipped, so the parameters still hold the last finite state
+            stopped = f"the loss or its gradient became NaN or infinite at step {step + 1}; kept the state after step {step}"
             break
         optimizer.step()
-        best = state()
         values = {name: float(value.detach()) for name, value in terms.items()} | {"loss": float(loss.detach()), "t": float(t.float().mean()) / num_train_timesteps}
-        result.losses.append(values)
+        losses.append(values)
         if writer is not None:
             for name, value in values.items():
                 writer.add_scalar(f"refine/{name}", value, step)
         bar.set_postfix(loss=f"{values['loss']:.4g}", t=f"{values['t']:.2f}")
     bar.close()
-    result.tsdf, result.colors = best
-    result.seconds_per_step = (time.perf_counter() - started) / max(result.steps, 1)
+    seconds_per_step = (time.perf_counter() - started) / max(len(losses), 1)
+    with torch.no_grad():
+        result = RefineResult(tsdf=decode().clamp(-tau, tau).float().cpu().numpy(), start=start_tsdf.cpu().numpy(),
+                              colors=torch.sigmoid(colors_logit).cpu().numpy() if colors_logit is not None else None,
+                              losses=losses, stopped=stopped, seconds_per_step=seconds_per_step)
     if writer is not None:
         sheet = before_after_sheet(tsdf_to_mesh(result.start), result.mesh(), text, cell=160)
         writer.add_image("refine/before_after", np.asarray(sheet), result.steps, dataformats="HWC")

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from shapekiln.config import to_dict
 from shapekiln.data_prep.reader import ShapeShards, check_dataset, list_shards, make_loader
 from shapekiln.data_prep.shards import write_atomic
-from shapekiln.errors import ShapekilnError
+from shapekiln.errors import ShapekilnError, first_line
 
 
 @dataclass
@@ -167,8 +167,7 @@ class Run:
             try:
                 self.accelerator.load_state(str(self.resume_from))
             except (RuntimeError, KeyError, ValueError) as error:
-                first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-                raise ShapekilnError(f"cannot resume from {self.resume_from}: it was saved by another model or config ({first})") from None
+                raise ShapekilnError(f"cannot resume from {self.resume_from}: it was saved by another model or config ({first_line(error)})") from None
             if self.is_main:
                 print(f"resumed from {self.resume_from} at step {self.state.step}")
         if self.is_main:

@@ -14,7 +14,6 @@ of classifier-free guidance. The result is a ViewPrior folder (`OUTPUT_DIR/model
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 
 from shapekiln.config import load_config
 from shapekiln.errors import ShapekilnError
+from shapekiln.data_prep.reader import dataset_config
 from shapekiln.models.encoders import rgba_to_rgb
 from shapekiln.models.priors import ViewPrior, azimuth_elevation
 from shapekiln.train.common import DataConfig, Run, TrainConfig
@@ -104,17 +104,16 @@ def build_prior(config: ViewPriorConfig) -> ViewPrior:
 def view_dataset(shards: str) -> tuple[int | None, float]:
     """The prepared dataset's grid size and truncation (Run.batches checks them against these, since this
     trainer reads views, not grids); views must have been rendered."""
-    manifest = Path(shards) / "dataset.json"
-    if not manifest.is_file():
+    prepared = dataset_config(shards)
+    if prepared is None:
         return None, 0.0  # a glob or list of shards: nothing to check up front
     try:
-        prepared = json.loads(manifest.read_text())["config"]
-        resolution, tau, views = int(prepared["resolution"]), float(prepared["tau"]), int(prepared["views"])
-    except (OSError, ValueError, KeyError, TypeError):
-        raise ShapekilnError(f"{manifest} is not a shapekiln dataset description") from None
+        views = int(prepared["views"])
+    except (ValueError, KeyError, TypeError):
+        raise ShapekilnError(f"{Path(shards) / 'dataset.json'} is not a shapekiln dataset description") from None
     if views < 1:
         raise ShapekilnError(f"{shards} holds no rendered views; prepare the data with views (configs/data/*.yaml: views)")
-    return resolution, tau
+    return int(prepared["resolution"]), float(prepared["tau"])
 
 
 def next_batch(batches, shards: str) -> dict:
