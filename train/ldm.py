@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
+from diffusers.training_utils import compute_snr
 
 from shapekiln.config import load_config, to_dict
 from shapekiln.data_prep.latents import load_latent_stats, vqvae_fingerprint
@@ -86,6 +87,18 @@ class DiffusionConfig:
     beta_end: float = 0.012
     beta_schedule: Literal["scaled_linear", "linear", "squaredcos_cap_v2"] = "scaled_linear"
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    # Min-SNR-γ loss weighting (Hang et al. 2023; diffusers' --snr_gamma): min(SNR, γ) relative to the
+    # target's own weight, so the easy low-noise steps stop dominating the gradient. None: plain MSE.
+    snr_gamma: float | None = None
+
+    def validate(self) -> None:
+        if self.snr_gamma is not None and self.snr_gamma <= 0:
+            raise ValueError("snr_gamma must be positive (or null for plain MSE)")
+
+    def scheduler(self) -> DDPMScheduler:
+        """The training noise schedule; no clipping of x0: unit-variance latents go past diffusers' default [-1, 1]."""
+        return DDPMScheduler(num_train_timesteps=self.num_train_timesteps, beta_start=self.beta_start, beta_end=self.beta_end,
+                             beta_schedule=self.beta_schedule, prediction_type=self.prediction_type, clip_sample=False)
 
 
 @dataclass
@@ -162,8 +175,7 @@ def train(config: LDMConfig, resume: str | None = None, progress: bool = True,
     mean, std = (torch.from_numpy(x).to(run.device) for x in load_latent_stats(config.data.shards))
     unet, conditioning = build_models(config, vqvae)
     towers = conditioning.towers
-    # important! diffusers clips the predicted clean sample to [-1, 1] by default; unit-variance latents go past that.
-    noise_schedule = DDPMScheduler(**to_dict(config.diffusion), clip_sample=False)
+    noise_schedule = config.diffusion.scheduler()
     # A list in MODALITIES' order, not a set: a set's order changes from process to process with string
     # hashing, and the drop masks are drawn in this order, so a resumed run would draw them differently.
     modalities = [name for name in MODALITIES if name in config.conditioning.modalities]
@@ -195,7 +207,7 @@ def train(config: LDMConfig, resume: str | None = None, progress: bool = True,
             target = noise if config.diffusion.prediction_type == "epsilon" else noise_schedule.get_velocity(latent, noise, timesteps)
             with accelerator.accumulate(model):
                 prediction = model(noisy, timesteps, conditions)
-                loss = F.mse_loss(prediction.float(), target.float())
+                loss = diffusion_loss(prediction, target, timesteps, noise_schedule, config.diffusion)
                 run.update(loss, model, optimizer, scheduler)
         run.ema.step(model.parameters())
         run.log({"loss": loss.item(), "lr": scheduler.get_last_lr()[0]}, samples_per_step)
@@ -211,6 +223,17 @@ def train(config: LDMConfig, resume: str | None = None, progress: bool = True,
         print(f"ldm: saved {saved}")
     run.finish()
     return saved
+
+
+def diffusion_loss(prediction: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, noise_schedule: DDPMScheduler,
+                   diffusion: DiffusionConfig) -> torch.Tensor:
+    """MSE to the target, per sample weighted by min(SNR(t), γ) / SNR(t) (epsilon) or / (SNR(t) + 1) (v)."""
+    per_sample = (prediction.float() - target.float()).pow(2).flatten(1).mean(dim=1)  # (B,)
+    if diffusion.snr_gamma is None:
+        return per_sample.mean()
+    snr = compute_snr(noise_schedule, timesteps).float()
+    weight = snr.clamp(max=diffusion.snr_gamma) / (snr if diffusion.prediction_type == "epsilon" else snr + 1)
+    return (weight * per_sample).mean()
 
 
 @torch.no_grad()

@@ -2,7 +2,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import DDPMScheduler
 
 from shapekiln.config import load_config, to_dict
 from shapekiln.models.conditioning import LatentDiffusion
@@ -31,7 +30,7 @@ def tiny_pipeline(modalities=("text", "image", "partial")):
     randomize_zero_parameters(unet)
     randomize_zero_parameters(conditioning, seed=1)
     channels = vqvae.config.latent_channels
-    pipeline = make_pipeline(LatentDiffusion(unet, conditioning), vqvae, DDPMScheduler(**to_dict(config.diffusion), clip_sample=False),
+    pipeline = make_pipeline(LatentDiffusion(unet, conditioning), vqvae, config.diffusion.scheduler(),
                              torch.zeros(channels), torch.ones(channels), config)
     for module in (pipeline.unet, pipeline.conditioning, pipeline.vqvae):
         module.eval()

@@ -37,7 +37,7 @@ def test_guidance_equals_the_direct_formula_and_batching_changes_nothing(pipelin
     t = torch.tensor(500)
     batched = pipeline.guided_prediction(latent, t, conditions, weights, batched=True)
     looped = pipeline.guided_prediction(latent, t, conditions, weights, batched=False)
-    assert torch.allclose(batched, looped, atol=1e-5)
+    assert torch.allclose(batched, looped, rtol=1e-4, atol=1e-4)  # batch size changes the float32 kernels, not the result
 
     def alone(keep):
         drop = {name: torch.full((2,), name != keep) for name in MODALITIES}
@@ -45,7 +45,7 @@ def test_guidance_equals_the_direct_formula_and_batching_changes_nothing(pipelin
 
     empty = alone(None)
     expected = empty + sum(weight * (alone(name) - empty) for name, weight in weights.items())
-    assert torch.allclose(batched, expected, atol=1e-5)
+    assert torch.allclose(batched, expected, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(alone("text"), empty)  # the condition matters, so the check can fail
 
 

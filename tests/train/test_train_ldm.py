@@ -70,6 +70,7 @@ def test_two_processes_train_and_save_a_pipeline_that_loads(stages, tmp_path):
         ("unknown_modality", "modalities must be a non-empty subset"),
         ("bad_drop", "drop probabilities must be in [0, 1]"),
         ("clip_without_checkpoint", "open_clip towers need clip_model and clip_checkpoint"),
+        ("bad_snr_gamma", "snr_gamma must be positive"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(stages, tmp_path, setup, expected):
@@ -94,6 +95,8 @@ def test_bad_input_is_one_line_and_exit_2(stages, tmp_path, setup, expected):
         config["conditioning"]["drop_text"] = 1.5
     elif setup == "clip_without_checkpoint":
         config["conditioning"]["text_tower"] = "open_clip"
+    elif setup == "bad_snr_gamma":
+        config["diffusion"]["snr_gamma"] = 0
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     result = shapekiln("train", "ldm", "--config", path, "--data", data, "--vqvae", vqvae, "--output-dir", tmp_path / "out",
@@ -106,3 +109,28 @@ def test_the_module_entry_point_speaks_like_the_cli(tmp_path):
     result = subprocess.run([sys.executable, "-m", "shapekiln.train.ldm", "--config", tmp_path / "missing.yaml"],
                             capture_output=True, text=True)
     assert "config file not found" in one_error_line(result)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_weights_each_sample_by_min_snr_gamma_over_its_target_weight(prediction_type):
+    from shapekiln.train.ldm import DiffusionConfig, diffusion_loss
+
+    diffusion = DiffusionConfig(prediction_type=prediction_type, snr_gamma=5.0)
+    schedule = diffusion.scheduler()
+    alphas = schedule.alphas_cumprod.double()
+    timesteps = torch.tensor([0, 300, 999])
+    snr = alphas[timesteps] / (1 - alphas[timesteps])  # ≈ 1175, 1.3, 0.005: above, near and below γ
+    assert snr[0] > 5 > snr[2]
+    prediction = torch.zeros(3, 2, 4, 4, 4)
+    target = torch.arange(1.0, 4.0).view(3, 1, 1, 1, 1).expand_as(prediction)  # per-sample MSE 1, 4, 9
+    mse = torch.tensor([1.0, 4.0, 9.0], dtype=torch.float64)
+    denominator = snr if prediction_type == "epsilon" else snr + 1
+    expected = (torch.minimum(snr, torch.tensor(5.0, dtype=torch.float64)) / denominator * mse).mean()
+    assert torch.isclose(diffusion_loss(prediction, target, timesteps, schedule, diffusion).double(), expected, rtol=1e-5)
+    # without γ it is the plain MSE over every element
+    plain = DiffusionConfig(prediction_type=prediction_type)
+    assert torch.isclose(diffusion_loss(prediction, target, timesteps, schedule, plain), mse.mean().float())
+    # epsilon: the low-noise sample (SNR ≫ γ) is weighted down to γ / SNR; the noisiest keeps weight 1
+    if prediction_type == "epsilon":
+        weights = torch.minimum(snr, torch.tensor(5.0, dtype=torch.float64)) / snr
+        assert weights[0] < 0.01 and weights[2] == 1.0
