@@ -6,17 +6,20 @@
     partial  the VQ-VAE latent of the partial TSDF, zeroed outside the known latent cells, plus the
              known-cell mask: (B, C + 1, r, r, r) channels concatenated to the noisy latent
 
+For each modality in `latent_heads` (text, image), a LatentHead also maps its tokens to an estimate
+of the shape's normalized latent (B, C, r, r, r), concatenated to the noisy latent as channels.
+
 A dropped condition (classifier-free guidance) is replaced by the modality's one learned empty
 value, in training and at sampling alike: empty tokens for text and image, empty channels for the
-partial shape. A modality the model was not built with has no parameters and takes no input.
-The frozen towers are attached at run time, not saved: their weights come from their own package
-or checkpoint, named in the config.
+partial shape and for each latent head's estimate. A modality the model was not built with has no
+parameters and takes no input. The frozen towers are attached at run time, not saved: their
+weights come from their own package or checkpoint, named in the config.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +63,43 @@ def encode_partial(vqvae: Any, partial_tsdf: torch.Tensor, known_mask: torch.Ten
     return torch.cat([latent * known_cells, known_cells], dim=1)
 
 
+class LatentHead(nn.Module):
+    """A modality's tokens (B, L, D) → an estimate of the shape's normalized latent (B, C, r, r, r).
+
+    The denoiser gets it as input channels, aligned with the latent grid, which it learns to use far
+    sooner than the same information in cross-attention tokens; the trainer also regresses it onto
+    the true latent (latent_head_weight), so a trainable encoder learns shape features from step one.
+    `pooled` (text): the masked mean of the tokens through an MLP, as sentence embeddings pool; else
+    (image, whose token order is the image's layout) one linear map of all tokens.
+    """
+
+    def __init__(self, tokens: int, context_dim: int, latent_channels: int, latent_resolution: int, pooled: bool,
+                 hidden: int = 512):
+        super().__init__()
+        self.latent_shape = (latent_channels, latent_resolution, latent_resolution, latent_resolution)
+        size = latent_channels * latent_resolution**3
+        self.pooled = pooled
+        self.proj = (nn.Sequential(nn.Linear(context_dim, hidden), nn.SiLU(), nn.Linear(hidden, size)) if pooled
+                     else nn.Linear(tokens * context_dim, size))
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.pooled:
+            weights = torch.ones(tokens.shape[:2], device=tokens.device) if mask is None else mask.to(tokens.dtype)
+            features = (tokens * weights.unsqueeze(-1)).sum(1) / weights.sum(1, keepdim=True).clamp(min=1.0)  # (B, D)
+        else:
+            features = tokens.flatten(1)  # (B, L·D)
+        return self.proj(features).view(-1, *self.latent_shape)
+
+
+class Encoded(NamedTuple):
+    """What ConditionModel makes of a batch's conditions; None where the model has no such input."""
+
+    context: torch.Tensor | None  # (B, L, D) tokens for cross-attention
+    context_mask: torch.Tensor | None  # (B, L) bool, True = attend
+    channels: torch.Tensor | None  # (B, extra_channels, r, r, r): partial (C + 1), then one C per latent head
+    head_latents: dict[str, torch.Tensor]  # each latent head's estimate (B, C, r, r, r) for every given condition, none dropped
+
+
 class ConditionModel(ModelMixin, ConfigMixin):
     """The trainable side of conditioning: projections, the default image encoder, empty values."""
 
@@ -77,11 +117,14 @@ class ConditionModel(ModelMixin, ConfigMixin):
         image_size: int = 64,
         latent_channels: int = 3,
         latent_resolution: int = 8,
+        latent_heads: tuple[str, ...] = (),  # modalities whose latent estimate (LatentHead) is input channels too
     ):
         super().__init__()
         unknown = set(modalities) - set(MODALITIES)
         if unknown or not modalities:
             raise ValueError(f"modalities must be a non-empty subset of {MODALITIES}, got {list(modalities)}")
+        if set(latent_heads) - ({"text", "image"} & set(modalities)):
+            raise ValueError(f"latent_heads must be conditioned modalities among text and image, got {list(latent_heads)}")
         if "text" in modalities:
             self.text_proj = nn.Linear(text_dim, context_dim)
             self.empty_text = nn.Parameter(0.02 * torch.randn(text_tokens, context_dim))
@@ -97,12 +140,18 @@ class ConditionModel(ModelMixin, ConfigMixin):
             self.empty_image = nn.Parameter(0.02 * torch.randn(image_tokens, context_dim))
         if "partial" in modalities:
             self.empty_partial = nn.Parameter(torch.zeros(latent_channels + 1))
+        tokens = {"text": text_tokens, "image": image_tokens}
+        self.heads = nn.ModuleDict({name: LatentHead(tokens[name], context_dim, latent_channels, latent_resolution,
+                                                            pooled=name == "text") for name in MODALITIES if name in latent_heads})
+        self.empty_latents = nn.ParameterDict({name: nn.Parameter(torch.zeros(latent_channels)) for name in self.heads})
         # Frozen towers live outside the state dict (a plain dict is not a registered submodule).
         self.towers: dict[str, nn.Module] = {}
 
     @property
-    def partial_channels(self) -> int:
-        return self.config.latent_channels + 1 if "partial" in self.config.modalities else 0
+    def extra_channels(self) -> int:
+        """Input channels beside the noisy latent: partial (C + 1) and C per latent head, where present."""
+        partial = self.config.latent_channels + 1 if "partial" in self.config.modalities else 0
+        return partial + self.config.latent_channels * len(self.heads)
 
     def attach_towers(self, device: torch.device | str | None = None) -> ConditionModel:
         """Load the frozen text (and image) towers named in the config; they stay out of save_pretrained."""
@@ -116,20 +165,33 @@ class ConditionModel(ModelMixin, ConfigMixin):
             tower.to(device or self.device)
         return self
 
-    def forward(self, conditions: Conditions, batch_size: int) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        """(context (B, L, D), context_mask (B, L) bool, partial channels (B, C + 1, r, r, r)); None where unused."""
-        tokens, masks = [], []
+    def forward(self, conditions: Conditions, batch_size: int) -> Encoded:
+        tokens, masks, given = [], [], {}  # given: each modality's own tokens (and mask) before any drop
         if "text" in self.config.modalities:
-            text_tokens, text_mask = self._text(conditions, batch_size)
+            text_tokens, text_mask, given["text"] = self._text(conditions, batch_size)
             tokens.append(text_tokens)
             masks.append(text_mask)
         if "image" in self.config.modalities:
-            tokens.append(self._image(conditions, batch_size))
-            masks.append(torch.ones(tokens[-1].shape[:2], dtype=torch.bool, device=tokens[-1].device))
-        context = torch.cat(tokens, dim=1) if tokens else None  # (B, Lt + Li, D)
-        context_mask = torch.cat(masks, dim=1) if masks else None
-        partial = self._partial(conditions, batch_size) if "partial" in self.config.modalities else None
-        return context, context_mask, partial  # partial: (B, C + 1, r, r, r)
+            image_tokens, given["image"] = self._image(conditions, batch_size)
+            tokens.append(image_tokens)
+            masks.append(torch.ones(image_tokens.shape[:2], dtype=torch.bool, device=image_tokens.device))
+        channels = [self._partial(conditions, batch_size)] if "partial" in self.config.modalities else []
+        head_latents = {}
+        r = self.config.latent_resolution
+        for name, head in self.heads.items():
+            empty = self.empty_latents[name].view(1, -1, 1, 1, 1).expand(batch_size, -1, r, r, r)  # (B, C, r, r, r)
+            if given[name] is None:
+                channels.append(empty)
+                continue
+            head_latents[name] = head(*given[name])
+            drop = self._dropped(conditions, name, batch_size, True).view(batch_size, 1, 1, 1, 1)
+            channels.append(torch.where(drop, empty, head_latents[name]))
+        return Encoded(
+            context=torch.cat(tokens, dim=1) if tokens else None,  # (B, Lt + Li, D)
+            context_mask=torch.cat(masks, dim=1) if masks else None,
+            channels=torch.cat(channels, dim=1) if channels else None,  # (B, extra_channels, r, r, r)
+            head_latents=head_latents,
+        )
 
     def _dropped(self, conditions: Conditions, name: str, batch_size: int, given: bool) -> torch.Tensor:
         """(B, 1, 1) bool: True where the modality is replaced by its empty value (also where not given)."""
@@ -140,11 +202,12 @@ class ConditionModel(ModelMixin, ConfigMixin):
             return torch.zeros(batch_size, 1, 1, dtype=torch.bool, device=self.device)
         return drop.to(self.device, torch.bool).view(batch_size, 1, 1)
 
-    def _text(self, conditions: Conditions, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _text(self, conditions: Conditions, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
+        """(tokens (B, Lt, D), mask (B, Lt), (the projected tokens, mask) before the drop or None without text)."""
         empty = self.empty_text.unsqueeze(0).expand(batch_size, -1, -1)  # (B, Lt, D)
         all_true = torch.ones(empty.shape[:2], dtype=torch.bool, device=self.device)
         if conditions.text is None:
-            return empty, all_true
+            return empty, all_true, None
         if len(conditions.text) != batch_size:
             raise ValueError(f"{len(conditions.text)} texts for a batch of {batch_size}")
         if "text" not in self.towers:
@@ -152,20 +215,25 @@ class ConditionModel(ModelMixin, ConfigMixin):
         features, mask = self.towers["text"](list(conditions.text))  # (B, Lt, Dt), (B, Lt)
         projected = self.text_proj(features.to(self.device))
         drop = self._dropped(conditions, "text", batch_size, True)
-        return torch.where(drop, empty, projected), torch.where(drop[:, :, 0], all_true, mask.to(self.device))
+        mask = mask.to(self.device)
+        return torch.where(drop, empty, projected), torch.where(drop[:, :, 0], all_true, mask), (projected, mask)
 
-    def _image(self, conditions: Conditions, batch_size: int) -> torch.Tensor:
+    def _image(self, conditions: Conditions, batch_size: int) -> tuple[torch.Tensor, tuple | None]:
+        """(tokens (B, Li, D), (the encoded tokens, None) before the drop or None without images)."""
         empty = self.empty_image.unsqueeze(0).expand(batch_size, -1, -1)  # (B, Li, D)
         if conditions.image is None:
-            return empty
-        images = conditions.image.to(self.device)
+            return empty, None
+        encoded = self.image_tokens(conditions.image)
+        return torch.where(self._dropped(conditions, "image", batch_size, True), empty, encoded), (encoded, None)
+
+    def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] → (B, Li, D): the image encoder's (or the projected tower's) tokens, never empty."""
+        images = images.to(self.device)
         if self.config.image_tower is None:
-            encoded = self.image_encoder(images)
-        else:
-            if "image" not in self.towers:
-                raise ShapekilnError("this model uses an open_clip image tower but none is loaded (call attach_towers)")
-            encoded = self.image_proj(self.towers["image"](images))
-        return torch.where(self._dropped(conditions, "image", batch_size, True), empty, encoded)
+            return self.image_encoder(images)
+        if "image" not in self.towers:
+            raise ShapekilnError("this model uses an open_clip image tower but none is loaded (call attach_towers)")
+        return self.image_proj(self.towers["image"](images))
 
     def _partial(self, conditions: Conditions, batch_size: int) -> torch.Tensor:
         r = self.config.latent_resolution
@@ -185,8 +253,11 @@ class LatentDiffusion(nn.Module):
         super().__init__()
         self.unet, self.conditioning = unet, conditioning
 
-    def forward(self, noisy_latent: torch.Tensor, timesteps: torch.Tensor, conditions: Conditions) -> torch.Tensor:
-        """noisy latent (B, C, r, r, r), timesteps (B,) → the model's prediction (B, C, r, r, r)."""
-        context, context_mask, partial = self.conditioning(conditions, noisy_latent.shape[0])
-        inputs = noisy_latent if partial is None else torch.cat([noisy_latent, partial.to(noisy_latent.dtype)], dim=1)
-        return self.unet(inputs, timesteps, context=context, context_mask=context_mask)
+    def forward(self, noisy_latent: torch.Tensor, timesteps: torch.Tensor, conditions: Conditions,
+                return_head_latents: bool = False) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """noisy latent (B, C, r, r, r), timesteps (B,) → the model's prediction (B, C, r, r, r); with
+        `return_head_latents`, also the latent heads' estimates (Encoded.head_latents) for their loss."""
+        encoded = self.conditioning(conditions, noisy_latent.shape[0])
+        inputs = noisy_latent if encoded.channels is None else torch.cat([noisy_latent, encoded.channels.to(noisy_latent.dtype)], dim=1)
+        prediction = self.unet(inputs, timesteps, context=encoded.context, context_mask=encoded.context_mask)
+        return (prediction, encoded.head_latents) if return_head_latents else prediction

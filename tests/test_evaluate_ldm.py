@@ -34,6 +34,7 @@ def make_pipeline(path, modalities=("text", "image", "partial")):
     torch.manual_seed(0)
     config = load_config(LDMConfig, "tiny", "ldm")
     config.conditioning.modalities = tuple(modalities)
+    config.conditioning.latent_heads = tuple(name for name in config.conditioning.latent_heads if name in modalities)
     vqvae = VQVAE(resolution=16, base_channels=8, channel_mult=(1, 2, 4), codebook_size=32, norm_groups=4)
     unet, conditioning = build_models(config, vqvae)
     with torch.no_grad():

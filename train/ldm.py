@@ -20,6 +20,7 @@ from typing import Literal, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
 
@@ -64,6 +65,11 @@ class ConditioningConfig:
     image_size: int = 64
     clip_model: str | None = None  # open_clip model name or config JSON, for the open_clip towers
     clip_checkpoint: str | None = None  # its local .safetensors
+    # Modalities (text, image) whose latent estimate (a LatentHead on their tokens) is also fed as input
+    # channels, and the weight of its regression onto the shape's normalized latent (0: it learns only
+    # through the denoiser).
+    latent_heads: tuple[str, ...] = ()
+    latent_head_weight: float = 0.0
 
     def validate(self) -> None:
         if not self.modalities or set(self.modalities) - set(MODALITIES):
@@ -72,6 +78,8 @@ class ConditioningConfig:
             raise ValueError("drop probabilities must be in [0, 1]")
         if "open_clip" in (self.text_tower, self.image_encoder) and not (self.clip_model and self.clip_checkpoint):
             raise ValueError("open_clip towers need clip_model and clip_checkpoint")
+        if self.latent_head_weight < 0 or (self.latent_head_weight > 0 and not self.latent_heads):
+            raise ValueError("latent_head_weight must be ≥ 0, and > 0 only with latent_heads")
 
     def clip_spec(self) -> dict:
         return {"kind": "open_clip", "model": self.clip_model, "checkpoint": self.clip_checkpoint}
@@ -136,10 +144,11 @@ def build_models(config: LDMConfig, vqvae: VQVAE) -> tuple[UNet3DModel, Conditio
             text_tokens=c.text_tokens, image_tower=clip if image_tower else None, image_dim=image_tower.dim if image_tower else 0,
             image_tokens=image_tower.num_tokens if image_tower else (c.image_size // 16) ** 2, image_size=c.image_size,
             latent_channels=vqvae.config.latent_channels, latent_resolution=vqvae.latent_resolution,
+            latent_heads=tuple(c.latent_heads),
         )
         unet = UNet3DModel(
             latent_resolution=vqvae.latent_resolution,
-            in_channels=vqvae.config.latent_channels + conditioning.partial_channels,
+            in_channels=vqvae.config.latent_channels + conditioning.extra_channels,
             out_channels=vqvae.config.latent_channels,
             cross_attention_dim=c.context_dim if {"text", "image"} & set(c.modalities) else None,
             **to_dict(config.model),
@@ -180,6 +189,7 @@ def train(config: LDMConfig, resume: str | None = None, progress: bool = True,
     modalities = [name for name in MODALITIES if name in config.conditioning.modalities]
     drop_prob = {"text": config.conditioning.drop_text, "image": config.conditioning.drop_image, "partial": config.conditioning.drop_partial}
 
+    head_weight = config.conditioning.latent_head_weight
     model, optimizer, scheduler = run.prepare(LatentDiffusion(unet, conditioning))
     for tower in towers.values():
         tower.to(run.device)
@@ -188,6 +198,7 @@ def train(config: LDMConfig, resume: str | None = None, progress: bool = True,
     accelerator = run.accelerator
     samples_per_step = config.data.batch_size * config.train.gradient_accumulation_steps * accelerator.num_processes
 
+    logs: dict[str, torch.Tensor] = {}
     for _ in run.steps():
         for _ in range(config.train.gradient_accumulation_steps):
             batch = next(batches)
@@ -205,11 +216,15 @@ def train(config: LDMConfig, resume: str | None = None, progress: bool = True,
             noisy = noise_schedule.add_noise(latent, noise, timesteps)
             target = noise if config.diffusion.prediction_type == "epsilon" else noise_schedule.get_velocity(latent, noise, timesteps)
             with accelerator.accumulate(model):
-                prediction = model(noisy, timesteps, conditions)
-                loss = diffusion_loss(prediction, target, timesteps, noise_schedule, config.diffusion)
+                prediction, head_latents = model(noisy, timesteps, conditions, return_head_latents=True)
+                loss = logs["loss/diffusion"] = diffusion_loss(prediction, target, timesteps, noise_schedule, config.diffusion)
+                if head_weight > 0:
+                    for name, estimate in head_latents.items():  # every sample's, dropped or not
+                        logs[f"loss/{name}_latent"] = F.mse_loss(estimate.float(), latent)
+                        loss = loss + head_weight * logs[f"loss/{name}_latent"]
                 run.update(loss, model, optimizer, scheduler)
         run.ema.step(model.parameters())
-        run.log({"loss": loss.item(), "lr": scheduler.get_last_lr()[0]}, samples_per_step)
+        run.log({"loss": loss.item(), "lr": scheduler.get_last_lr()[0], **{k: v.item() for k, v in logs.items()}}, samples_per_step)
         if run.wants_images() and "text" in modalities:
             pipeline = make_pipeline(accelerator.unwrap_model(model), vqvae, noise_schedule, mean, std, config)
             run.log_image("samples/preview", preview_strip(pipeline, config.sampling))

@@ -1,4 +1,5 @@
-"""The condition model: learned empty values replace exactly the dropped samples, for every subset."""
+"""The condition model: learned empty values replace exactly the dropped samples, for every subset,
+in the tokens and in the input channels (partial shape, the latent heads' estimates)."""
 
 import itertools
 
@@ -29,44 +30,62 @@ def parts():
 @pytest.mark.parametrize("dropped", [subset for n in range(4) for subset in itertools.combinations(MODALITIES, n)])
 def test_every_subset_of_dropped_modalities(parts, dropped):
     model, full = parts
+    assert tuple(model.heads) == ("text", "image")  # the tiny config: both estimates are input channels too
     which = torch.tensor([True, False, True, False])  # samples 0 and 2 drop the modalities in `dropped`
-    kept_context, kept_mask, kept_partial = model(full, B)
+    kept = model(full, B)
     conditions = Conditions(full.text, full.image, full.partial, drop={name: which for name in dropped})
-    context, mask, partial = model(conditions, B)
-    text_tokens = model.config.text_tokens
-    empties = {
-        "text": (slice(0, text_tokens), model.empty_text),
-        "image": (slice(text_tokens, None), model.empty_image),
+    encoded = model(conditions, B)
+    text_tokens, c = model.config.text_tokens, model.config.latent_channels
+    empties = {  # modality: (the span of its tokens or channels, its learned empty value)
+        "text": (encoded.context, kept.context, slice(0, text_tokens), model.empty_text),
+        "image": (encoded.context, kept.context, slice(text_tokens, None), model.empty_image),
+        "partial": (encoded.channels, kept.channels, slice(0, c + 1), model.empty_partial.view(-1, 1, 1, 1)),
+        "text latent": (encoded.channels, kept.channels, slice(c + 1, 2 * c + 1), model.empty_latents["text"].view(-1, 1, 1, 1)),
+        "image latent": (encoded.channels, kept.channels, slice(2 * c + 1, None), model.empty_latents["image"].view(-1, 1, 1, 1)),
     }
-    for name, (span, empty) in empties.items():
+    for name, (got, reference, span, empty) in empties.items():
+        tokens = name in ("text", "image")
         for sample in range(B):
-            got = context[sample, span]
-            if name in dropped and which[sample]:
-                assert torch.equal(got, empty), (name, sample)
-                assert mask[sample, span].all()
+            if name.split()[0] in dropped and which[sample]:
+                assert torch.equal(got[sample, span], empty.expand_as(got[sample, span])), (name, sample)
+                assert not tokens or encoded.context_mask[sample, span].all()  # empty tokens are all attended
             else:
-                assert torch.equal(got, kept_context[sample, span]), (name, sample)
-                assert torch.equal(mask[sample, span], kept_mask[sample, span])
-    for sample in range(B):
-        if "partial" in dropped and which[sample]:
-            assert torch.equal(partial[sample], model.empty_partial.view(-1, 1, 1, 1).expand_as(partial[sample]))
-        else:
-            assert torch.equal(partial[sample], kept_partial[sample])
+                assert torch.equal(got[sample, span], reference[sample, span]), (name, sample)
+                assert not tokens or torch.equal(encoded.context_mask[sample, span], kept.context_mask[sample, span])
+    # each head's estimate is there for every given condition, dropped or not (its regression loss sees them all)
+    assert encoded.head_latents.keys() == {"text", "image"}
+    assert all(torch.equal(encoded.head_latents[name], kept.head_latents[name]) for name in ("text", "image"))
     if dropped:  # the check can fail: a dropped sample differs from its kept version
-        assert not (torch.equal(context, kept_context) and torch.equal(partial, kept_partial))
+        assert not (torch.equal(encoded.context, kept.context) and torch.equal(encoded.channels, kept.channels))
 
 
 def test_absent_modalities_use_the_same_empty_values_as_dropped_ones(parts):
     model, full = parts
     dropped = model(Conditions(full.text, full.image, full.partial, drop={name: torch.ones(B, dtype=torch.bool) for name in MODALITIES}), B)
     absent = model(Conditions(), B)
-    for one, other in zip(dropped, absent):
+    for one, other in zip(dropped[:3], absent[:3]):  # context, its mask, channels
         assert torch.equal(one, other)
+    assert absent.head_latents == {}
+    assert dropped.head_latents["image"].shape == (B, model.config.latent_channels, *[model.config.latent_resolution] * 3)
+
+
+def test_the_text_head_pools_only_the_attended_tokens(parts):
+    """Padding tokens do not reach the text head's estimate: a pooled head averages the masked tokens."""
+    model, full = parts
+    head = model.heads["text"]
+    tokens = torch.randn(2, 5, model.config.context_dim)
+    mask = torch.tensor([[True, True, False, False, False], [True] * 5])
+    changed = tokens.clone()
+    changed[0, 2:] += 10.0  # padding of sample 0 only
+    with torch.no_grad():
+        assert torch.allclose(head(changed, mask), head(tokens, mask), atol=1e-6)
+        changed[1, 4] += 10.0  # an attended token of sample 1
+        assert not torch.allclose(head(changed, mask)[1], head(tokens, mask)[1], atol=1e-3)
 
 
 def test_text_padding_is_masked_and_empty_text_attends_everywhere(parts):
     model, full = parts
-    _, mask, _ = model(Conditions(text=full.text), B)
+    mask = model(Conditions(text=full.text), B).context_mask
     text_mask = mask[:, : model.config.text_tokens]
     assert text_mask.sum(1).tolist() != [model.config.text_tokens] * B  # short captions leave padding
     assert text_mask[:, 0].all()
@@ -93,3 +112,7 @@ def test_bad_modalities_are_refused():
         ConditionModel(modalities=("text", "sound"))
     with pytest.raises(ValueError, match="non-empty subset"):
         ConditionModel(modalities=())
+    with pytest.raises(ValueError, match="latent_heads must be conditioned modalities among text and image"):
+        ConditionModel(modalities=("text", "partial"), latent_heads=("image",))
+    with pytest.raises(ValueError, match="latent_heads must be conditioned modalities among text and image"):
+        ConditionModel(modalities=("text", "partial"), latent_heads=("partial",))

@@ -26,6 +26,7 @@ def tiny_pipeline(modalities=("text", "image", "partial")):
     vqvae = VQVAE(**to_dict(load_config(VQVAEConfig, "tiny", "vqvae").model)).eval()
     config = load_config(LDMConfig, "tiny", "ldm")
     config.conditioning.modalities = tuple(modalities)
+    config.conditioning.latent_heads = tuple(name for name in config.conditioning.latent_heads if name in modalities)
     unet, conditioning = build_models(config, vqvae)
     randomize_zero_parameters(unet)
     randomize_zero_parameters(conditioning, seed=1)

@@ -35,7 +35,15 @@ def test_a_run_saves_a_pipeline_that_samples(stages, tmp_path):
     pipeline = ShapePipeline.from_pretrained(run_dir / "pipeline")
     assert pipeline.modalities == ("text", "image", "partial")
     assert pipeline.scheduler.config.clip_sample is False
-    assert list((run_dir / "logs").rglob("events.out.tfevents.*"))
+    events = list((run_dir / "logs").rglob("events.out.tfevents.*"))
+    assert events
+    # the tiny config trains both latent heads: their losses are logged beside the diffusion loss
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars = EventAccumulator(str(events[0]))
+    scalars.Reload()
+    assert {"loss/text_latent", "loss/image_latent", "loss/diffusion"} <= set(scalars.Tags()["scalars"])
+    assert "heads.image.proj.weight" in load_file(run_dir / "pipeline" / "conditioning" / "diffusion_pytorch_model.safetensors")
     result = shapekiln("sample", "--ckpt", run_dir / "pipeline", "--text", "a tall round table", "--n", 2, "--steps", 2,
                        "--out", tmp_path / "samples", "--no-progress")
     assert "2 shapes" in result.stdout
@@ -71,6 +79,8 @@ def test_two_processes_train_and_save_a_pipeline_that_loads(stages, tmp_path):
         ("bad_drop", "drop probabilities must be in [0, 1]"),
         ("clip_without_checkpoint", "open_clip towers need clip_model and clip_checkpoint"),
         ("bad_snr_gamma", "snr_gamma must be positive"),
+        ("head_without_its_modality", "latent_heads must be conditioned modalities among text and image"),
+        ("head_weight_without_heads", "latent_head_weight must be ≥ 0, and > 0 only with latent_heads"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(stages, tmp_path, setup, expected):
@@ -97,6 +107,10 @@ def test_bad_input_is_one_line_and_exit_2(stages, tmp_path, setup, expected):
         config["conditioning"]["text_tower"] = "open_clip"
     elif setup == "bad_snr_gamma":
         config["diffusion"]["snr_gamma"] = 0
+    elif setup == "head_without_its_modality":
+        config["conditioning"]["modalities"] = ["text", "partial"]
+    elif setup == "head_weight_without_heads":
+        config["conditioning"]["latent_heads"] = []
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     result = shapekiln("train", "ldm", "--config", path, "--data", data, "--vqvae", vqvae, "--output-dir", tmp_path / "out",
