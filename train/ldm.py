@@ -7,6 +7,8 @@ Each step: normalize the shards' latents to unit variance, noise them at random 
 diffusers' DDPM schedule, and regress the noise (or v) from the noisy latent and the conditions.
 Every modality is dropped independently with its own probability, so the model learns every
 subset of conditions (the unconditional one too) that multi-modal guidance combines at sampling.
+With latent heads (conditioning.latent_heads), each head's estimate of the latent also enters the
+loss: MSE to the true normalized latent, weighted by latent_head_weight, for every sample.
 The result is a ShapePipeline folder (`OUTPUT_DIR/pipeline`) built from the EMA weights.
 """
 

@@ -48,9 +48,6 @@ class VQVAEModelConfig:
 class VQVAELossConfig:
     surface_weight: float = 0.0  # extra L1 weight on voxels with |tsdf| < surface_band
     surface_band: float = 0.05
-    # Extra L1 on the wrong side of the surface only: sign_weight · mean(relu(−prediction · sign(tsdf))),
-    # zero for every voxel whose sign (the occupancy IoU counts) is right.
-    sign_weight: float = 0.0
 
 
 @dataclass
@@ -63,10 +60,7 @@ class VQVAEConfig:
 
 def reconstruction_loss(prediction: torch.Tensor, target: torch.Tensor, loss: VQVAELossConfig) -> torch.Tensor:
     weight = 1.0 + loss.surface_weight * (target.abs() < loss.surface_band).float()
-    l1 = (weight * (prediction - target).abs()).mean()
-    if not loss.sign_weight:
-        return l1
-    return l1 + loss.sign_weight * torch.relu(-prediction * torch.sign(target)).mean()
+    return (weight * (prediction - target).abs()).mean()
 
 
 def train(config: VQVAEConfig, resume: str | None = None, progress: bool = True,
