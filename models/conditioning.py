@@ -142,7 +142,7 @@ class ConditionModel(ModelMixin, ConfigMixin):
             self.empty_partial = nn.Parameter(torch.zeros(latent_channels + 1))
         tokens = {"text": text_tokens, "image": image_tokens}
         self.heads = nn.ModuleDict({name: LatentHead(tokens[name], context_dim, latent_channels, latent_resolution,
-                                                            pooled=name == "text") for name in MODALITIES if name in latent_heads})
+                                                     pooled=name == "text") for name in MODALITIES if name in latent_heads})
         self.empty_latents = nn.ParameterDict({name: nn.Parameter(torch.zeros(latent_channels)) for name in self.heads})
         # Frozen towers live outside the state dict (a plain dict is not a registered submodule).
         self.towers: dict[str, nn.Module] = {}
