@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -164,12 +164,15 @@ def attribute_scores(predictions: Sequence[dict[str, str]], targets: Sequence[di
 
 
 def classifier_accuracy(model: AttributeClassifier, data: str | Path, split: str = "test", batch_size: int = 32,
-                        limit: int | None = None) -> dict[str, Any]:
-    """The classifier's own accuracy on the ground-truth shapes of a prepared split (see attribute_scores)."""
+                        limit: int | None = None,
+                        transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, Any]:
+    """The classifier's own accuracy on the ground-truth shapes of a prepared split (see attribute_scores),
+    or on `transform` of them ((B, 1, R, R, R) TSDF → the same shape; e.g. an autoencoder's round trip)."""
     dataset = ShapeShards(list_shards(data, split), resolution=model.config.resolution)
     predictions, targets = [], []
     for batch in make_loader(dataset, batch_size=batch_size):
-        predictions += classify(model, batch["tsdf"], batch_size)
+        tsdf = batch["tsdf"] if transform is None else transform(batch["tsdf"])
+        predictions += classify(model, tsdf, batch_size)
         targets += [{"category": category, **attributes} for category, attributes in zip(batch["category"], batch["attributes"])]
         if limit is not None and len(targets) >= limit:
             predictions, targets = predictions[:limit], targets[:limit]

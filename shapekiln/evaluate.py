@@ -103,6 +103,8 @@ def evaluate_ldm(
         surface to each completion (mean), and TMD over the completions (mean over shapes).
     image (`image_count` shapes; needs the image modality): one rendered view of the shape → one
         sample; IoU of the inside voxels and Chamfer-L1 against the ground truth.
+    round trip: the classifier's accuracy and the IoU on the same ground-truth shapes after the
+        pipeline's VQ-VAE encodes and decodes them: the ceiling the autoencoder sets on both.
     seconds_per_shape: sampling time per generated shape, over everything sampled.
     """
     from shapekiln.sample.pipeline import ShapePipeline
@@ -262,6 +264,8 @@ def _text_attribute_metrics(sampler: _TimedSampler, data: str | Path, split: str
         targets += [target] * len(shapes)
     generated = attribute_scores(predictions, targets, classifier.attributes)
     own = classifier_accuracy(classifier, data, split)
+    # The same shapes through the pipeline's VQ-VAE: what the diffusion model could reach at best.
+    round_trip = classifier_accuracy(classifier, data, split, transform=lambda tsdf: _round_trip(sampler.pipeline, tsdf))
     return {
         "text_prompts": prompts, "text_samples": len(targets),
         "text_category_accuracy": generated["category_accuracy"],
@@ -271,6 +275,9 @@ def _text_attribute_metrics(sampler: _TimedSampler, data: str | Path, split: str
         "classifier_category_accuracy": own["category_accuracy"],
         "classifier_attribute_accuracy": own["attribute_accuracy"],
         "classifier_all_correct_accuracy": own["all_correct_accuracy"],
+        "round_trip_category_accuracy": round_trip["category_accuracy"],
+        "round_trip_attribute_accuracy": round_trip["attribute_accuracy"],
+        "round_trip_all_correct_accuracy": round_trip["all_correct_accuracy"],
         "text_per_attribute": generated["per_attribute"],
     }
 
@@ -324,7 +331,19 @@ def _image_metrics(sampler: _TimedSampler, references: list[dict[str, Any]], poi
         ious.append(occupancy_iou(shape.tsdf, reference["tsdf"]))
         generated = surface_points(shape.mesh, points, seed=k)
         chamfers.append(chamfer_distance(generated, surface_points(reference["tsdf"], points, seed=k + 1))[0])
-    return {"image_shapes": len(references), "image_iou": float(np.mean(ious)), "image_chamfer_l1": float(np.mean(chamfers))}
+    truth = np.stack([reference["tsdf"] for reference in references])  # (N, R, R, R)
+    reconstructed = _round_trip(sampler.pipeline, torch.from_numpy(truth)[:, None])[:, 0].numpy()
+    return {"image_shapes": len(references), "image_iou": float(np.mean(ious)), "image_chamfer_l1": float(np.mean(chamfers)),
+            "round_trip_iou": float(np.mean([occupancy_iou(r, t) for r, t in zip(reconstructed, truth)]))}
+
+
+def _round_trip(pipeline: Any, tsdf: torch.Tensor) -> torch.Tensor:
+    """TSDF grids (B, 1, R, R, R) encoded and decoded by the pipeline's VQ-VAE as the pipeline decodes
+    its samples (quantized, clamped to ±tau): the autoencoder's ceiling on what diffusion can reach."""
+    vqvae, tau = pipeline.vqvae, pipeline.config.tau
+    parameter = next(vqvae.parameters())
+    decoded = vqvae.decode(vqvae.encode(tsdf.to(parameter.device, parameter.dtype)))
+    return decoded.clamp(-tau, tau).float().cpu()
 
 
 def format_metrics(metrics: dict[str, Any], indent: int = 0) -> str:

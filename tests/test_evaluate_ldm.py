@@ -10,9 +10,11 @@ from diffusers import DDPMScheduler
 
 from shapekiln.config import load_config
 from shapekiln.data_prep.process import PrepConfig
+from shapekiln.data_prep.reader import ShapeShards, list_shards
 from shapekiln.data_prep.shards import run_prep
 from shapekiln.data_prep.sources.synthetic import CATEGORIES, PALETTE, SyntheticSource, captions_for
 from shapekiln.evaluate import evaluate_ldm, format_metrics, kept_points, text_attribute_prompts
+from shapekiln.metrics import occupancy_iou
 from shapekiln.models.attributes import GEOMETRIC_ATTRIBUTES, train_attribute_classifier
 from shapekiln.models.vqvae import VQVAE
 from shapekiln.sample.pipeline import PipelineConfig, ShapePipeline
@@ -70,6 +72,14 @@ def test_evaluate_ldm_scores_every_part(data, classifier, tmp_path):
         assert 0.0 <= metrics[f"completion_{mode}_uhd"] <= math.sqrt(3)
         assert metrics[f"completion_{mode}_tmd"] >= 0.0
     assert 0.0 <= metrics["image_iou"] <= 1.0 and 0.0 <= metrics["image_chamfer_l1"] <= math.sqrt(3)
+    # The VQ-VAE's ceiling: the same test shapes encoded and decoded, without any sampling.
+    for key in ("round_trip_category_accuracy", "round_trip_attribute_accuracy", "round_trip_all_correct_accuracy"):
+        assert 0.0 <= metrics[key] <= 1.0, key
+    loaded = ShapePipeline.from_pretrained(pipeline)
+    truth = next(iter(ShapeShards(list_shards(data, "test"))))["tsdf"][None]  # (1, 1, R, R, R), the image shape
+    with torch.no_grad():
+        decoded = loaded.vqvae.decode(loaded.vqvae.encode(truth)).clamp(-0.2, 0.2)
+    assert metrics["round_trip_iou"] == pytest.approx(occupancy_iou(decoded[0, 0].numpy(), truth[0, 0].numpy()))
     assert metrics["sampled_shapes"] == 3 + 2 + 2 * 2 + 1
     assert metrics["seconds_per_shape"] > 0
     numbers = [value for value in metrics.values() if isinstance(value, (int, float))]

@@ -91,6 +91,19 @@ def test_classifier_accuracy_reports_fractions(trained, data):
     assert all(key.split(".")[0] in CATEGORIES for key in accuracy["per_attribute"])
 
 
+def test_classifier_accuracy_scores_the_transformed_shapes(trained, data):
+    """With a transform (the evaluation passes a VQ-VAE round trip) the classifier reads the transformed grids."""
+    model = load_attribute_classifier(trained)
+    flipped = classifier_accuracy(model, data, "test", transform=lambda tsdf: tsdf.flip(-1))
+    targets = [{"category": s["category"], **s["attributes"]} for s in ShapeShards(list_shards(data, "test"))]
+    by_hand = attribute_scores(classify(model, tsdfs(data, "test").flip(-1)), targets, model.attributes)
+    assert flipped["attribute_accuracy"] == by_hand["attribute_accuracy"]
+    assert flipped["per_attribute"] == by_hand["per_attribute"]
+    empty = classifier_accuracy(model, data, "test", transform=lambda tsdf: torch.full_like(tsdf, 0.2))
+    nothing = classify(model, torch.full((1, 1, 16, 16, 16), 0.2))[0]  # every shape becomes the same empty grid
+    assert empty["category_accuracy"] == pytest.approx(sum(t["category"] == nothing["category"] for t in targets) / len(targets))
+
+
 def test_attribute_scores_by_hand():
     targets = [
         {"category": "mug", "height": "tall", "handle": "yes", "color": "red"},  # color is not scored
