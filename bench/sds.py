@@ -97,7 +97,7 @@ def main() -> None:
         prior_dir = train_prior(args.data, args.out / "view_prior", args.prior_minutes)
     prior = load_prior(prior_dir)
     config = RefineConfig(steps=args.steps, guidance=args.guidance, anchor_weight=args.anchor, lr=args.lr, color=not args.no_color,
-                          views_per_step=args.views, seed=args.seed, shadings=("shaded",) if args.no_color else RefineConfig.shadings)
+                          views_per_step=args.views, seed=args.seed, shadings=RefineConfig.shadings_for(not args.no_color))
     vqvae = load_pretrained(VQVAE, args.vqvae).eval() if args.vqvae else None
 
     rows, everything = [], {"before": [], "after": [], "chamfer": [], "seconds_per_step": [], "minutes": []}

@@ -72,6 +72,11 @@ class RefineConfig:
     eikonal_weight: float = 0.0  # mean (|∇d| − 1)² over voxels in the band |d| < τ/2
     seed: int = 0
 
+    @staticmethod
+    def shadings_for(color: bool) -> tuple[str, ...]:
+        """The default shadings for a run with or without an albedo grid (an albedo render needs one)."""
+        return RefineConfig.shadings if color else ("shaded",)
+
     def validate(self) -> None:
         if self.steps < 1 or self.views_per_step < 1 or self.render_size < 8 or self.samples_per_ray < 2:
             raise ShapekilnError("refine: steps and views_per_step must be at least 1, render_size at least 8, samples_per_ray at least 2")

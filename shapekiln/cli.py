@@ -412,7 +412,7 @@ def _run_refine(args: argparse.Namespace) -> int:
     from shapekiln.sample.refine import RefineConfig, load_shape, refine, write_refined
 
     config = RefineConfig(steps=args.steps, target=args.target, color=not args.no_color, lr=args.lr, seed=args.seed,
-                          shadings=("shaded",) if args.no_color else RefineConfig.shadings)
+                          shadings=RefineConfig.shadings_for(not args.no_color))
     for option, name in (("guidance", "guidance"), ("views", "views_per_step"), ("anchor", "anchor_weight")):
         if getattr(args, option) is not None:
             setattr(config, name, getattr(args, option))

@@ -149,6 +149,9 @@ def test_bad_inputs_are_one_clear_error(tmp_path):
         refine(sphere(0.3), prior, None, RefineConfig(steps=1, target="latent", **FAST), progress=False)
     with pytest.raises(ShapekilnError, match="t_start"):
         RefineConfig(t_start=(0.5, 0.2)).validate()
+    with pytest.raises(ShapekilnError, match="'albedo' shading needs color"):
+        RefineConfig(color=False, shadings=RefineConfig.shadings_for(True)).validate()
+    RefineConfig(color=False, shadings=RefineConfig.shadings_for(False)).validate()  # what --no-color asks for
     (tmp_path / "notes.txt").write_text("not a mesh")
     with pytest.raises(ShapekilnError):
         load_shape(tmp_path / "notes.txt", None, TAU)
