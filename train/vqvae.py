@@ -42,6 +42,7 @@ class VQVAEModelConfig:
     ema_decay: float = 0.99
     restart_dead_codes: bool = True
     norm_groups: int = 8
+    upsample: str = "nearest"  # or "transpose"
 
 
 @dataclass

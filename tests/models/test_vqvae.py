@@ -8,7 +8,7 @@ import torch
 from shapekiln.config import load_config, to_dict
 from shapekiln.errors import ShapekilnError
 from shapekiln.models.io import load_pretrained
-from shapekiln.models.vqvae import VectorQuantizer, VQVAE
+from shapekiln.models.vqvae import Upsample, VectorQuantizer, VQVAE
 from shapekiln.train.vqvae import VQVAEConfig
 
 
@@ -46,6 +46,22 @@ def test_paper_config_is_sdfusion_sized():
 def test_resolution_must_divide_by_the_downsampling():
     with pytest.raises(ValueError, match="not divisible"):
         VQVAE(resolution=18, base_channels=8, norm_groups=4)
+
+
+def test_transposed_upsampling_writes_each_voxel_its_own_block():
+    """A 2³ stride-2 transposed conv: output voxel (2i+a, 2j+b, 2k+c) depends on input voxel (i, j, k) only."""
+    torch.manual_seed(0)
+    model = VQVAE(resolution=16, base_channels=8, norm_groups=4, upsample="transpose")
+    (upsample,) = [module for module in model.decoder.modules() if isinstance(module, Upsample)][:1]
+    channels = upsample.conv.in_channels
+    x = torch.zeros(1, channels, 4, 4, 4)
+    x[0, :, 1, 2, 3] = torch.randn(channels)
+    y = upsample(x) - upsample(torch.zeros_like(x))  # remove the bias
+    assert y.shape == (1, channels, 8, 8, 8)
+    changed = y.abs().sum(1)[0] > 0
+    assert changed[2:4, 4:6, 6:8].all() and changed.sum() == 8
+    with pytest.raises(ValueError, match="upsample must be"):
+        VQVAE(resolution=16, base_channels=8, norm_groups=4, upsample="bilinear")
 
 
 def test_quantizer_gradient_passes_straight_through():
