@@ -7,7 +7,9 @@
              known-cell mask: (B, C + 1, r, r, r) channels concatenated to the noisy latent
 
 For each modality in `latent_heads` (text, image), a LatentHead also maps its tokens to an estimate
-of the shape's normalized latent (B, C, r, r, r), concatenated to the noisy latent as channels.
+of the shape's normalized latent (B, C, r, r, r), concatenated to the noisy latent as channels. The
+text head reads the tower's own token features (not the cross-attention projection), so it can learn
+at its own rate (the trainer's latent_head_lr) without moving the tokens cross-attention reads.
 
 A dropped condition (classifier-free guidance) is replaced by the modality's one learned empty
 value, in training and at sampling alike: empty tokens for text and image, empty channels for the
@@ -73,14 +75,14 @@ class LatentHead(nn.Module):
     (image, whose token order is the image's layout) one linear map of all tokens.
     """
 
-    def __init__(self, tokens: int, context_dim: int, latent_channels: int, latent_resolution: int, pooled: bool,
+    def __init__(self, tokens: int, token_dim: int, latent_channels: int, latent_resolution: int, pooled: bool,
                  hidden: int = 512):
         super().__init__()
         self.latent_shape = (latent_channels, latent_resolution, latent_resolution, latent_resolution)
         size = latent_channels * latent_resolution**3
         self.pooled = pooled
-        self.proj = (nn.Sequential(nn.Linear(context_dim, hidden), nn.SiLU(), nn.Linear(hidden, size)) if pooled
-                     else nn.Linear(tokens * context_dim, size))
+        self.proj = (nn.Sequential(nn.Linear(token_dim, hidden), nn.SiLU(), nn.Linear(hidden, size)) if pooled
+                     else nn.Linear(tokens * token_dim, size))
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if self.pooled:
@@ -140,8 +142,8 @@ class ConditionModel(ModelMixin, ConfigMixin):
             self.empty_image = nn.Parameter(0.02 * torch.randn(image_tokens, context_dim))
         if "partial" in modalities:
             self.empty_partial = nn.Parameter(torch.zeros(latent_channels + 1))
-        tokens = {"text": text_tokens, "image": image_tokens}
-        self.heads = nn.ModuleDict({name: LatentHead(tokens[name], context_dim, latent_channels, latent_resolution,
+        head_inputs = {"text": (text_tokens, text_dim), "image": (image_tokens, context_dim)}
+        self.heads = nn.ModuleDict({name: LatentHead(*head_inputs[name], latent_channels, latent_resolution,
                                                      pooled=name == "text") for name in MODALITIES if name in latent_heads})
         self.empty_latents = nn.ParameterDict({name: nn.Parameter(torch.zeros(latent_channels)) for name in self.heads})
         # Frozen towers live outside the state dict (a plain dict is not a registered submodule).
@@ -203,7 +205,7 @@ class ConditionModel(ModelMixin, ConfigMixin):
         return drop.to(self.device, torch.bool).view(batch_size, 1, 1)
 
     def _text(self, conditions: Conditions, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
-        """(tokens (B, Lt, D), mask (B, Lt), (the projected tokens, mask) before the drop or None without text)."""
+        """(tokens (B, Lt, D), mask (B, Lt), (the tower's features (B, Lt, Dt), mask) before the drop or None without text)."""
         empty = self.empty_text.unsqueeze(0).expand(batch_size, -1, -1)  # (B, Lt, D)
         all_true = torch.ones(empty.shape[:2], dtype=torch.bool, device=self.device)
         if conditions.text is None:
@@ -213,10 +215,10 @@ class ConditionModel(ModelMixin, ConfigMixin):
         if "text" not in self.towers:
             raise ShapekilnError("this model conditions on text but no text model is loaded (call attach_towers)")
         features, mask = self.towers["text"](list(conditions.text))  # (B, Lt, Dt), (B, Lt)
-        projected = self.text_proj(features.to(self.device))
+        features, mask = features.to(self.device), mask.to(self.device)
+        projected = self.text_proj(features)
         drop = self._dropped(conditions, "text", batch_size, True)
-        mask = mask.to(self.device)
-        return torch.where(drop, empty, projected), torch.where(drop[:, :, 0], all_true, mask), (projected, mask)
+        return torch.where(drop, empty, projected), torch.where(drop[:, :, 0], all_true, mask), (features, mask)
 
     def _image(self, conditions: Conditions, batch_size: int) -> tuple[torch.Tensor, tuple | None]:
         """(tokens (B, Li, D), (the encoded tokens, None) before the drop or None without images)."""

@@ -148,8 +148,10 @@ class Run:
             raise ShapekilnError(f"--resume {resume}: {path} is not a checkpoint folder of this trainer")
         return path
 
-    def prepare(self, model: torch.nn.Module, parameters: list[torch.nn.Parameter] | None = None):
-        """Optimizer, LR schedule and EMA for `model`; everything registered for save_state."""
+    def prepare(self, model: torch.nn.Module, parameters: list[torch.nn.Parameter] | list[dict[str, Any]] | None = None):
+        """Optimizer, LR schedule and EMA for `model`; everything registered for save_state. `parameters`:
+        the trainable ones (default: all that require grad), or torch parameter groups (dicts with
+        "params" and optionally their own "lr"; the schedule scales every group alike)."""
         train = self.train
         parameters = parameters if parameters is not None else [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(parameters, lr=train.lr, betas=tuple(train.betas), weight_decay=train.weight_decay)

@@ -18,7 +18,7 @@ import argparse
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
@@ -72,6 +72,10 @@ class ConditioningConfig:
     # through the denoiser).
     latent_heads: tuple[str, ...] = ()
     latent_head_weight: float = 0.0
+    # The heads' own learning rate (None: train.lr). A head is a small MLP or linear map that wants a
+    # larger step than the denoiser: fitted alone to the small set's captions for 800 steps, the text
+    # head's decoded estimate read 0.70 attribute accuracy at lr 5e-4 and 0.99 at 4e-3 (README).
+    latent_head_lr: float | None = None
 
     def validate(self) -> None:
         if not self.modalities or set(self.modalities) - set(MODALITIES):
@@ -82,6 +86,8 @@ class ConditioningConfig:
             raise ValueError("open_clip towers need clip_model and clip_checkpoint")
         if self.latent_head_weight < 0 or (self.latent_head_weight > 0 and not self.latent_heads):
             raise ValueError("latent_head_weight must be ≥ 0, and > 0 only with latent_heads")
+        if self.latent_head_lr is not None and (self.latent_head_lr <= 0 or not self.latent_heads):
+            raise ValueError("latent_head_lr must be positive, and set only with latent_heads")
 
     def clip_spec(self) -> dict:
         return {"kind": "open_clip", "model": self.clip_model, "checkpoint": self.clip_checkpoint}
@@ -176,6 +182,16 @@ def check_latents(config: LDMConfig, vqvae: VQVAE) -> None:
         raise ShapekilnError(f"{config.data.shards} was encoded by another VQ-VAE than {config.vqvae}; encode again or point `vqvae` at that model")
 
 
+def parameter_groups(model: LatentDiffusion, head_lr: float | None) -> list[dict[str, Any]]:
+    """The optimizer's parameter groups: the latent heads at `head_lr` (when given), the rest at train.lr."""
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    if head_lr is None:
+        return [{"params": trainable}]
+    heads = {id(parameter) for parameter in model.conditioning.heads.parameters()}
+    return [{"params": [p for p in trainable if id(p) not in heads]},
+            {"params": [p for p in trainable if id(p) in heads], "lr": head_lr}]
+
+
 def train(config: LDMConfig, resume: str | None = None, progress: bool = True,
           time_limit: float | None = None) -> Path:
     """Train to config.train.max_steps; returns the folder of the saved pipeline (EMA weights)."""
@@ -192,7 +208,8 @@ def train(config: LDMConfig, resume: str | None = None, progress: bool = True,
     drop_prob = {"text": config.conditioning.drop_text, "image": config.conditioning.drop_image, "partial": config.conditioning.drop_partial}
 
     head_weight = config.conditioning.latent_head_weight
-    model, optimizer, scheduler = run.prepare(LatentDiffusion(unet, conditioning))
+    model = LatentDiffusion(unet, conditioning)
+    model, optimizer, scheduler = run.prepare(model, parameter_groups(model, config.conditioning.latent_head_lr))
     for tower in towers.values():
         tower.to(run.device)
     batches = run.batches(config.data, vqvae.config.resolution, vqvae.config.tau,
@@ -226,7 +243,9 @@ def train(config: LDMConfig, resume: str | None = None, progress: bool = True,
                         loss = loss + head_weight * logs[f"loss/{name}_latent"]
                 run.update(loss, model, optimizer, scheduler)
         run.ema.step(model.parameters())
-        run.log({"loss": loss.item(), "lr": scheduler.get_last_lr()[0], **{k: v.item() for k, v in logs.items()}}, samples_per_step)
+        rates = scheduler.get_last_lr()  # one per parameter group: the rest, then the heads when they have their own
+        run.log({"loss": loss.item(), "lr": rates[0], **({"lr/heads": rates[1]} if len(rates) > 1 else {}),
+                 **{k: v.item() for k, v in logs.items()}}, samples_per_step)
         if run.wants_images() and "text" in modalities:
             pipeline = make_pipeline(accelerator.unwrap_model(model), vqvae, noise_schedule, mean, std, config)
             run.log_image("samples/preview", preview_strip(pipeline, config.sampling))

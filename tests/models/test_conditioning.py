@@ -73,7 +73,7 @@ def test_the_text_head_pools_only_the_attended_tokens(parts):
     """Padding tokens do not reach the text head's estimate: a pooled head averages the masked tokens."""
     model, full = parts
     head = model.heads["text"]
-    tokens = torch.randn(2, 5, model.config.context_dim)
+    tokens = torch.randn(2, 5, model.config.text_dim)  # the tower's own features
     mask = torch.tensor([[True, True, False, False, False], [True] * 5])
     changed = tokens.clone()
     changed[0, 2:] += 10.0  # padding of sample 0 only
@@ -81,6 +81,19 @@ def test_the_text_head_pools_only_the_attended_tokens(parts):
         assert torch.allclose(head(changed, mask), head(tokens, mask), atol=1e-6)
         changed[1, 4] += 10.0  # an attended token of sample 1
         assert not torch.allclose(head(changed, mask)[1], head(tokens, mask)[1], atol=1e-3)
+
+
+def test_the_text_head_reads_the_tower_features_not_the_cross_attention_projection(parts):
+    """So the heads' own learning rate (latent_head_lr) never moves the tokens cross-attention reads."""
+    model, full = parts
+    with torch.no_grad():
+        before = model(Conditions(text=full.text), B)
+        saved = model.text_proj.weight.clone()
+        model.text_proj.weight.add_(1.0)
+        after = model(Conditions(text=full.text), B)
+        model.text_proj.weight.copy_(saved)
+    assert torch.equal(before.head_latents["text"], after.head_latents["text"])
+    assert not torch.allclose(before.context, after.context)
 
 
 def test_text_padding_is_masked_and_empty_text_attends_everywhere(parts):

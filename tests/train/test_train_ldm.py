@@ -43,6 +43,11 @@ def test_a_run_saves_a_pipeline_that_samples(stages, tmp_path):
     scalars = EventAccumulator(str(events[0]))
     scalars.Reload()
     assert {"loss/text_latent", "loss/image_latent", "loss/diffusion"} <= set(scalars.Tags()["scalars"])
+    # ...and learn at their own rate (latent_head_lr twice lr in the tiny config), on the same schedule
+    config = yaml.safe_load(open(run_dir / "config.yaml"))
+    rates = {tag: [event.value for event in scalars.Scalars(tag)] for tag in ("lr", "lr/heads")}
+    ratio = config["conditioning"]["latent_head_lr"] / config["train"]["lr"]
+    assert rates["lr/heads"] == pytest.approx([ratio * rate for rate in rates["lr"]]) and ratio != 1.0
     assert "heads.image.proj.weight" in load_file(run_dir / "pipeline" / "conditioning" / "diffusion_pytorch_model.safetensors")
     result = shapekiln("sample", "--ckpt", run_dir / "pipeline", "--text", "a tall round table", "--n", 2, "--steps", 2,
                        "--out", tmp_path / "samples", "--no-progress")
@@ -81,6 +86,7 @@ def test_two_processes_train_and_save_a_pipeline_that_loads(stages, tmp_path):
         ("bad_snr_gamma", "snr_gamma must be positive"),
         ("head_without_its_modality", "latent_heads must be conditioned modalities among text and image"),
         ("head_weight_without_heads", "latent_head_weight must be ≥ 0, and > 0 only with latent_heads"),
+        ("head_lr_not_positive", "latent_head_lr must be positive, and set only with latent_heads"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(stages, tmp_path, setup, expected):
@@ -111,6 +117,8 @@ def test_bad_input_is_one_line_and_exit_2(stages, tmp_path, setup, expected):
         config["conditioning"]["modalities"] = ["text", "partial"]
     elif setup == "head_weight_without_heads":
         config["conditioning"]["latent_heads"] = []
+    elif setup == "head_lr_not_positive":
+        config["conditioning"]["latent_head_lr"] = 0.0
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     result = shapekiln("train", "ldm", "--config", path, "--data", data, "--vqvae", vqvae, "--output-dir", tmp_path / "out",
