@@ -166,6 +166,10 @@ class ShapePipeline:
     def denormalize(self, latent: torch.Tensor) -> torch.Tensor:
         return latent * self.latent_std.to(latent).view(1, -1, 1, 1, 1) + self.latent_mean.to(latent).view(1, -1, 1, 1, 1)
 
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        """Latent (N, C, r, r, r), unnormalized → TSDF (N, 1, R, R, R): the VQ-VAE decodes it, clamped to ±tau."""
+        return self.vqvae.decode(latent).clamp(-self.config.tau, self.config.tau)
+
     @torch.no_grad()
     def __call__(
         self,
@@ -225,7 +229,7 @@ class ShapePipeline:
                 target = known_latent if following is None else self.scheduler.add_noise(known_latent, noise_for_known, following.reshape(1))
                 latent = known_cells * target + (1 - known_cells) * latent
         latent = self.denormalize(latent)
-        tsdf = self.vqvae.decode(latent).clamp(-self.config.tau, self.config.tau)  # (N, 1, R, R, R)
+        tsdf = self.decode(latent)  # (N, 1, R, R, R)
         shapes = [Shape(grid[0].float().cpu().numpy(), self.config.mc_level) for grid in tsdf]
         refine = refine if refine is not None else self.refine
         if refine is not None:

@@ -338,12 +338,10 @@ def _image_metrics(sampler: _TimedSampler, references: list[dict[str, Any]], poi
 
 
 def _round_trip(pipeline: Any, tsdf: torch.Tensor) -> torch.Tensor:
-    """TSDF grids (B, 1, R, R, R) encoded and decoded by the pipeline's VQ-VAE as the pipeline decodes
-    its samples (quantized, clamped to ±tau): the autoencoder's ceiling on what diffusion can reach."""
-    vqvae, tau = pipeline.vqvae, pipeline.config.tau
-    parameter = next(vqvae.parameters())
-    decoded = vqvae.decode(vqvae.encode(tsdf.to(parameter.device, parameter.dtype)))
-    return decoded.clamp(-tau, tau).float().cpu()
+    """TSDF grids (B, 1, R, R, R) encoded by the pipeline's VQ-VAE and decoded as the pipeline decodes
+    its samples (ShapePipeline.decode): the autoencoder's ceiling on what diffusion can reach."""
+    parameter = next(pipeline.vqvae.parameters())
+    return pipeline.decode(pipeline.vqvae.encode(tsdf.to(parameter.device, parameter.dtype))).float().cpu()
 
 
 def format_metrics(metrics: dict[str, Any], indent: int = 0) -> str:
