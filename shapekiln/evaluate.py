@@ -97,6 +97,9 @@ def evaluate_ldm(
         combinations (the first caption form of `captions_for`, every category in turn), with
         `samples_per_prompt` samples each, read by the attribute classifier: category, attribute
         and all-correct accuracy, and the classifier's own accuracy on the ground truth of `split`.
+        With 2 or more samples per prompt, their diversity: TMD over each prompt's samples
+        (`text_tmd`), beside the TMD of as many prepared shapes sharing the prompt's attributes
+        (`text_data_tmd`): a model that makes one mean shape per prompt scores far below the data.
     completion (`completion_count` shapes, `completions` each): the shape is kept on one side of a
         plane (`keeps`, by turns) and completed in each mode the pipeline can run ("learned" needs
         the partial modality; "inpaint" needs none). UHD from the kept part of the ground-truth
@@ -131,7 +134,7 @@ def evaluate_ldm(
 
     if count:
         result.update(_generation_metrics(sampler, references[:count], generation, points, seed, notes))
-    result.update(_text_attribute_metrics(sampler, data, split, classifier_dir, prompts, samples_per_prompt, seed, device, notes))
+    result.update(_text_attribute_metrics(sampler, data, split, classifier_dir, prompts, samples_per_prompt, points, seed, device, notes))
     if completion_count:
         result.update(_completion_metrics(sampler, references[:completion_count], completions, keeps, points, tau, seed, notes))
     if image_count:
@@ -234,7 +237,8 @@ def text_attribute_prompts(attributes: dict[str, dict[str, list[str]]], count: i
 
 
 def _text_attribute_metrics(sampler: _TimedSampler, data: str | Path, split: str, classifier_dir: str | Path | None,
-                            prompts: int, samples_per_prompt: int, seed: int, device: str, notes: list[str]) -> dict[str, Any]:
+                            prompts: int, samples_per_prompt: int, points: int, seed: int, device: str,
+                            notes: list[str]) -> dict[str, Any]:
     if not prompts or not samples_per_prompt:
         return {}
     if classifier_dir is None:
@@ -257,11 +261,14 @@ def _text_attribute_metrics(sampler: _TimedSampler, data: str | Path, split: str
     if classifier.config.resolution != made.resolution or abs(classifier.config.tau - made.tau) > 1e-9:
         raise ShapekilnError(f"the attribute classifier in {classifier_dir} reads {classifier.config.resolution}³ grids truncated at "
                              f"{classifier.config.tau}, but the pipeline makes {made.resolution}³ ones at {made.tau}; train one on this data")
-    predictions, targets = [], []
-    for k, (prompt, target) in enumerate(text_attribute_prompts(classifier.attributes, prompts, seed)):
+    predictions, targets, diversity = [], [], []
+    pairs = text_attribute_prompts(classifier.attributes, prompts, seed)
+    for k, (prompt, target) in enumerate(pairs):
         shapes = sampler(samples_per_prompt, seed + k, text=prompt)
         predictions += classify(classifier, np.stack([shape.tsdf for shape in shapes]))
         targets += [target] * len(shapes)
+        if samples_per_prompt >= 2:
+            diversity.append(total_mutual_difference([surface_points(shape.mesh, points, seed=j) for j, shape in enumerate(shapes)]))
     generated = attribute_scores(predictions, targets, classifier.attributes)
     own = classifier_accuracy(classifier, data, split)
     # The same shapes through the pipeline's VQ-VAE: what the diffusion model could reach at best.
@@ -279,7 +286,34 @@ def _text_attribute_metrics(sampler: _TimedSampler, data: str | Path, split: str
         "round_trip_attribute_accuracy": round_trip["attribute_accuracy"],
         "round_trip_all_correct_accuracy": round_trip["all_correct_accuracy"],
         "text_per_attribute": generated["per_attribute"],
+        **(_text_diversity(diversity, data, [target for _, target in pairs], classifier.attributes, samples_per_prompt, points,
+                           made.resolution) if diversity else {}),
     }
+
+
+def _text_diversity(generated: list[float], data: str | Path, targets: list[dict[str, str]],
+                    attributes: dict[str, dict[str, list[str]]], per_prompt: int, points: int, resolution: int) -> dict[str, Any]:
+    """Diversity given a prompt: TMD over each prompt's samples (mean over prompts), beside the same figure
+    for the data: the first `per_prompt` prepared shapes (every split) with a prompt's category and
+    attribute values (mean over the prompts that have that many; absent where none has)."""
+
+    def key(category: str, values: dict[str, str]) -> tuple:
+        return (category, *(values.get(name) for name in attributes.get(category, {})))
+
+    matches: dict[tuple, list[np.ndarray]] = {key(target["category"], target): [] for target in targets}
+    for split in ("train", "val", "test"):
+        try:
+            shards = list_shards(data, split)
+        except ShapekilnError:  # no such split
+            continue
+        for sample in ShapeShards(shards, resolution=resolution):
+            found = matches.get(key(sample["category"], sample["attributes"]))
+            if found is not None and len(found) < per_prompt:
+                found.append(sample["tsdf"][0].numpy())
+    data_tmd = [total_mutual_difference([surface_points(tsdf, points, seed=j) for j, tsdf in enumerate(shapes)])
+                for shapes in matches.values() if len(shapes) == per_prompt]
+    result = {"text_tmd": float(np.mean(generated)), "text_data_tmd_prompts": len(data_tmd)}
+    return {**result, "text_data_tmd": float(np.mean(data_tmd))} if data_tmd else result
 
 
 def kept_points(surface: np.ndarray, known_mask: np.ndarray) -> np.ndarray:

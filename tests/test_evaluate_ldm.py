@@ -13,8 +13,8 @@ from shapekiln.data_prep.process import PrepConfig
 from shapekiln.data_prep.reader import ShapeShards, list_shards
 from shapekiln.data_prep.shards import run_prep
 from shapekiln.data_prep.sources.synthetic import CATEGORIES, PALETTE, SyntheticSource, captions_for
-from shapekiln.evaluate import evaluate_ldm, format_metrics, kept_points, text_attribute_prompts
-from shapekiln.metrics import occupancy_iou
+from shapekiln.evaluate import _text_diversity, evaluate_ldm, format_metrics, kept_points, text_attribute_prompts
+from shapekiln.metrics import occupancy_iou, surface_points, total_mutual_difference
 from shapekiln.models.attributes import GEOMETRIC_ATTRIBUTES, train_attribute_classifier
 from shapekiln.models.vqvae import VQVAE
 from shapekiln.sample.pipeline import PipelineConfig, ShapePipeline
@@ -57,11 +57,12 @@ def classifier(data, tmp_path_factory):
 
 def test_evaluate_ldm_scores_every_part(data, classifier, tmp_path):
     pipeline = make_pipeline(tmp_path / "pipeline")
-    metrics = evaluate_ldm(pipeline, data, classifier, split="test", count=3, prompts=2, samples_per_prompt=1,
+    metrics = evaluate_ldm(pipeline, data, classifier, split="test", count=3, prompts=2, samples_per_prompt=2,
                            completion_count=1, completions=2, image_count=1, points=256, steps=2, seed=0, progress=False)
     assert metrics["generation"] == "text" and metrics["generation_shapes"] == 3
     assert metrics["mmd_cd"] >= 0 and 0 < metrics["cov_cd"] <= 1 and 0 <= metrics["1nna_cd"] <= 1
-    assert metrics["text_samples"] == 2
+    assert metrics["text_samples"] == 4
+    assert metrics["text_tmd"] >= 0.0 and 0 <= metrics["text_data_tmd_prompts"] <= 2
     for key in ("text_category_accuracy", "text_attribute_accuracy", "text_all_correct_accuracy",
                 "classifier_category_accuracy", "classifier_attribute_accuracy", "classifier_all_correct_accuracy"):
         assert 0.0 <= metrics[key] <= 1.0, key
@@ -80,7 +81,7 @@ def test_evaluate_ldm_scores_every_part(data, classifier, tmp_path):
     with torch.no_grad():
         decoded = loaded.vqvae.decode(loaded.vqvae.encode(truth)).clamp(-0.2, 0.2)
     assert metrics["round_trip_iou"] == pytest.approx(occupancy_iou(decoded[0, 0].numpy(), truth[0, 0].numpy()))
-    assert metrics["sampled_shapes"] == 3 + 2 + 2 * 2 + 1
+    assert metrics["sampled_shapes"] == 3 + 2 * 2 + 2 * 2 + 1
     assert metrics["seconds_per_shape"] > 0
     numbers = [value for value in metrics.values() if isinstance(value, (int, float))]
     assert all(math.isfinite(value) for value in numbers)
@@ -116,3 +117,21 @@ def test_kept_points_are_the_surface_points_in_known_voxels():
     known[:2] = True  # x < 0 in [-1, 1]³, x < 0.5 in the unit cube
     surface = np.array([[0.1, 0.5, 0.5], [0.49, 0.9, 0.1], [0.51, 0.5, 0.5], [1.0, 0.0, 0.0]])
     assert np.array_equal(kept_points(surface, known), surface[:2])
+
+
+def test_text_diversity_of_the_data_takes_the_shapes_sharing_a_prompts_attributes(data):
+    shapes = [sample for split in ("train", "test") for sample in ShapeShards(list_shards(data, split))]
+    category = next(c for c in sorted({s["category"] for s in shapes}) if sum(s["category"] == c for s in shapes) >= 2)
+    same = [s for s in shapes if s["category"] == category]
+    name, value = next(iter(same[0]["attributes"].items()))
+    target = {"category": category, name: value}
+    # By category alone (no attribute names), then also by the value of one attribute.
+    for attributes, wanted in (({category: {}}, same), ({category: {name: []}}, [s for s in same if s["attributes"][name] == value])):
+        result = _text_diversity([0.1, 0.3], data, [target], attributes, 2, 128, 16)
+        assert result["text_tmd"] == pytest.approx(0.2)
+        if len(wanted) < 2:
+            assert result["text_data_tmd_prompts"] == 0 and "text_data_tmd" not in result
+            continue
+        clouds = [surface_points(s["tsdf"][0].numpy(), 128, seed=j) for j, s in enumerate(wanted[:2])]
+        assert result["text_data_tmd_prompts"] == 1
+        assert result["text_data_tmd"] == pytest.approx(total_mutual_difference(clouds))
