@@ -28,6 +28,7 @@ from shapekiln.errors import ShapekilnError, first_line
 
 VIEW_PRIOR_FILE = "view_prior.json"
 EMPTY_TEXT_FILE = "empty_text.safetensors"
+VIEW_HEAD_FILE = "view_head.safetensors"
 VIEW_PRIOR_FORMAT = 1
 CAMERA_FEATURES = 4  # sin/cos of azimuth and elevation
 STABLE_DIFFUSION_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -192,17 +193,44 @@ def azimuth_elevation(world_to_camera: torch.Tensor) -> torch.Tensor:
     return torch.stack([azimuth, elevation], dim=-1)
 
 
+class ViewHead(nn.Module):
+    """Text and camera → an estimate of the view (B, 3, S, S) in [-1, 1]: the caption's mean image from that
+    viewpoint, fed to the UNet as three more input channels (the latent diffusion model's LatentHead, in 2D).
+
+    The trainer regresses it onto the clean view, so it learns each caption's silhouette within a few hundred
+    steps, where cross-attention alone leaves the prior's text effect weak on a CPU budget; the denoiser then
+    reads the caption where it is spatially aligned with the image. It sees exactly what the UNet sees: the
+    masked mean of the text tokens (the learned empty text when the caption is dropped, so the unconditional
+    branch of guidance gets the data's mean view) and the camera features (zeros for the unknown view).
+    """
+
+    def __init__(self, text_dim: int, image_size: int, hidden: int = 512):
+        super().__init__()
+        self.image_size = image_size
+        self.net = nn.Sequential(nn.Linear(text_dim + CAMERA_FEATURES, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
+                                 nn.Linear(hidden, 3 * image_size * image_size))
+
+    def forward(self, text: TextCondition, camera: torch.Tensor) -> torch.Tensor:
+        """text tokens (B, L, D) with mask (B, L), camera features (B, CAMERA_FEATURES) → (B, 3, S, S)."""
+        tokens = text.tokens.float()
+        weights = torch.ones(tokens.shape[:2], device=tokens.device) if text.mask is None else text.mask.to(tokens.dtype)
+        pooled = (tokens * weights.unsqueeze(-1)).sum(1) / weights.sum(1, keepdim=True).clamp(min=1.0)  # (B, D)
+        features = torch.cat([pooled, camera.to(tokens.dtype)], dim=1)
+        return torch.tanh(self.net(features)).view(-1, 3, self.image_size, self.image_size)
+
+
 class ViewPrior(DiffusionPrior):
     """Pixel-space text-to-image prior: diffusers UNet2DConditionModel + DDPMScheduler, images in [-1, 1].
 
     Text: per-token features of a frozen tower (cross-attention with its mask), or none at all. One learned
     "empty text" token stands for "no prompt", both for caption dropout in training and for the
     unconditional branch of guidance. Cameras (optional): sin/cos of azimuth and elevation through the
-    UNet's projection class embedding.
+    UNet's projection class embedding. With `view_head`, a ViewHead's estimate of the view from the text and
+    camera is concatenated to the noisy image (the UNet then has 6 input channels).
     """
 
     def __init__(self, unet: UNet2DConditionModel, scheduler: DDPMScheduler, text_tower: Any | None, *,
-                 camera: bool, background: str = "white", text_tokens: int = 1):
+                 camera: bool, background: str = "white", text_tokens: int = 1, view_head: bool = False):
         super().__init__()
         self.unet, self.scheduler, self.text_tower = unet, scheduler, text_tower
         self.text_conditioned = text_tower is not None
@@ -213,12 +241,19 @@ class ViewPrior(DiffusionPrior):
         self.text_tokens = int(text_tower.max_tokens) if text_tower is not None else int(text_tokens)
         # important! one learned value for "no prompt": caption dropout trains it, guidance uses it.
         self.empty_token = nn.Parameter(0.02 * torch.randn(1, self.context_dim))
+        if view_head and text_tower is None:
+            raise ShapekilnError("a view head reads the text: it needs a text-conditioned prior")
+        expected = 6 if view_head else 3
+        if unet.config.in_channels != expected:
+            raise ShapekilnError(f"the view prior's UNet takes {unet.config.in_channels} input channels, but "
+                                 f"{'with' if view_head else 'without'} a view head it needs {expected}")
+        self.view_head = ViewHead(self.context_dim, self.image_size) if view_head else None
 
     @classmethod
     def create(cls, *, image_size: int, block_out_channels: Sequence[int], layers_per_block: int,
                attention: Sequence[bool], head_dim: int, norm_groups: int, text: str | dict | None, text_tokens: int,
                camera: bool, background: str = "white", num_train_timesteps: int = 1000, beta_schedule: str = "squaredcos_cap_v2",
-               beta_start: float = 1e-4, beta_end: float = 0.02) -> ViewPrior:
+               beta_start: float = 1e-4, beta_end: float = 0.02, view_head: bool = False) -> ViewPrior:
         """A fresh (untrained) prior."""
         from shapekiln.models.encoders import load_text_tower
 
@@ -232,7 +267,7 @@ class ViewPrior(DiffusionPrior):
         down = tuple("CrossAttnDownBlock2D" if flag else "DownBlock2D" for flag in attention)
         up = tuple("CrossAttnUpBlock2D" if flag else "UpBlock2D" for flag in reversed(attention))
         unet = UNet2DConditionModel(
-            sample_size=image_size, in_channels=3, out_channels=3, block_out_channels=tuple(block_out_channels),
+            sample_size=image_size, in_channels=6 if view_head else 3, out_channels=3, block_out_channels=tuple(block_out_channels),
             layers_per_block=layers_per_block, down_block_types=down, up_block_types=up, norm_num_groups=norm_groups,
             cross_attention_dim=tower.dim if tower is not None else block_out_channels[0],
             # diffusers' legacy name: this "attention_head_dim" is the number of heads per level.
@@ -242,7 +277,7 @@ class ViewPrior(DiffusionPrior):
         )
         scheduler = DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule,
                                   beta_start=beta_start, beta_end=beta_end, prediction_type="epsilon")
-        return cls(unet, scheduler, tower, camera=camera, background=background, text_tokens=text_tokens)
+        return cls(unet, scheduler, tower, camera=camera, background=background, text_tokens=text_tokens, view_head=view_head)
 
     # -- the DiffusionPrior interface --
 
@@ -271,22 +306,27 @@ class ViewPrior(DiffusionPrior):
         return self(x_t, t, text, cameras)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, text: TextCondition | None, cameras: torch.Tensor | None = None,
-                drop_text: torch.Tensor | None = None, drop_camera: torch.Tensor | None = None) -> torch.Tensor:
+                drop_text: torch.Tensor | None = None, drop_camera: torch.Tensor | None = None,
+                return_view_estimate: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
         """ε̂ (B, 3, S, S). Training passes `drop_text` / `drop_camera` (B,) bool: those samples get the empty
-        text and the unknown view (inside forward, so the learned empty token trains under DDP too)."""
+        text and the unknown view (inside forward, so the learned empty token trains under DDP too); with
+        `return_view_estimate`, also the view head's estimate (B, 3, S, S) for its loss (None without a head)."""
         batch = x_t.shape[0]
         empty = self.empty_text(batch)
         text = empty if text is None else text
         if drop_text is not None:
             text = empty.where(drop_text.to(x_t.device), text)
-        class_labels = None
-        if self.camera_conditioned:
-            class_labels = camera_features(cameras, batch, x_t.device)
-            if drop_camera is not None:
-                class_labels = class_labels * (~drop_camera.to(x_t.device)).float()[:, None]
+        features = camera_features(cameras if self.camera_conditioned else None, batch, x_t.device)
+        if self.camera_conditioned and drop_camera is not None:
+            features = features * (~drop_camera.to(x_t.device)).float()[:, None]
+        estimate = None
+        if self.view_head is not None:
+            estimate = self.view_head(text, features)
+            x_t = torch.cat([x_t, estimate.to(x_t.dtype)], dim=1)  # (B, 6, S, S)
         t = torch.as_tensor(t, device=x_t.device).reshape(-1).expand(batch)
-        return self.unet(x_t, t, encoder_hidden_states=text.tokens.to(x_t.dtype), encoder_attention_mask=text.mask,
-                         class_labels=class_labels).sample
+        noise = self.unet(x_t, t, encoder_hidden_states=text.tokens.to(x_t.dtype), encoder_attention_mask=text.mask,
+                          class_labels=features if self.camera_conditioned else None).sample
+        return (noise, estimate) if return_view_estimate else noise
 
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         return ((x0 + 1.0) / 2.0).clamp(0.0, 1.0)
@@ -321,12 +361,16 @@ class ViewPrior(DiffusionPrior):
         self.unet.save_pretrained(str(folder / "unet"), safe_serialization=True)
         self.scheduler.save_pretrained(str(folder / "scheduler"))
         save_file({"empty_token": self.empty_token.detach().float().cpu().contiguous()}, str(folder / EMPTY_TEXT_FILE))
+        if self.view_head is not None:
+            save_file({name: value.detach().float().cpu().contiguous() for name, value in self.view_head.state_dict().items()},
+                      str(folder / VIEW_HEAD_FILE))
         description = {
             "format": VIEW_PRIOR_FORMAT,
             "text": self.text_tower.spec if self.text_tower is not None else None,
             "text_tokens": self.text_tokens,
             "image_size": self.image_size,
             "camera": self.camera_conditioned,
+            "view_head": self.view_head is not None,
             "background": self.background,  # what the training views were composited over
             "prediction_type": "epsilon",
             "value_range": [-1.0, 1.0],
@@ -345,23 +389,30 @@ class ViewPrior(DiffusionPrior):
             description = json.loads((folder / VIEW_PRIOR_FILE).read_text())
             text, camera = description["text"], bool(description["camera"])
             background, text_tokens = str(description["background"]), int(description["text_tokens"])
+            view_head = bool(description.get("view_head", False))  # absent in priors saved before view heads
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise ShapekilnError(f"{folder / VIEW_PRIOR_FILE} is not a view-prior description ({type(error).__name__}: {error})") from None
-        for part in ("unet", "scheduler", EMPTY_TEXT_FILE):
+        for part in ("unet", "scheduler", EMPTY_TEXT_FILE) + ((VIEW_HEAD_FILE,) if view_head else ()):
             if not (folder / part).exists():
                 raise ShapekilnError(f"view prior {folder} is incomplete: {part} is missing")
         try:
             unet = UNet2DConditionModel.from_pretrained(str(folder / "unet"), use_safetensors=True, local_files_only=True)
             scheduler = DDPMScheduler.from_pretrained(str(folder / "scheduler"), local_files_only=True)
             empty = load_file(str(folder / EMPTY_TEXT_FILE))["empty_token"]
+            head = load_file(str(folder / VIEW_HEAD_FILE)) if view_head else None
         except (OSError, ValueError, KeyError, SafetensorError) as error:
             raise ShapekilnError(f"cannot load view prior {folder}: {first_line(error)}") from None
         tower = load_text_tower(text) if text is not None else None
-        prior = cls(unet, scheduler, tower, camera=camera, background=background, text_tokens=text_tokens)
+        prior = cls(unet, scheduler, tower, camera=camera, background=background, text_tokens=text_tokens, view_head=view_head)
         if empty.shape != prior.empty_token.shape:
             raise ShapekilnError(f"view prior {folder}: {EMPTY_TEXT_FILE} holds shape {tuple(empty.shape)}, the UNet needs {tuple(prior.empty_token.shape)}")
         with torch.no_grad():
             prior.empty_token.copy_(empty)
+        if head is not None:
+            try:
+                prior.view_head.load_state_dict(head)
+            except RuntimeError as error:
+                raise ShapekilnError(f"view prior {folder}: {VIEW_HEAD_FILE} does not fit the UNet ({first_line(error)})") from None
         return prior.to(device).eval()
 
 

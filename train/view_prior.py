@@ -5,7 +5,8 @@
 
 Data: one rendered view per shape and step (RGBA from the prepared shards), composited over the
 background, resized to image_size, its caption, and its camera's azimuth/elevation. Loss: ε-MSE at random
-timesteps of diffusers' DDPM schedule. Captions are replaced by the learned empty text with probability
+timesteps of diffusers' DDPM schedule (plus, with model.view_head, view_head_weight times the MSE of the
+view head's estimate to the clean view). Captions are replaced by the learned empty text with probability
 text_dropout (and cameras by the unknown view with camera_dropout), so the same model serves both branches
 of classifier-free guidance. The result is a ViewPrior folder (`OUTPUT_DIR/model`) that
 `models.priors.load_prior` loads.
@@ -45,6 +46,11 @@ class ViewPriorModelConfig:
     text: Literal["minilm"] | None = "minilm"  # null: an unconditional prior
     text_tokens: int = 16
     camera: bool = True
+    view_head: bool = False  # a ViewHead's estimate of the view from text and camera as 3 more input channels
+
+    def validate(self) -> None:
+        if self.view_head and self.text is None:
+            raise ValueError("view_head reads the text: it needs text (set view_head: false for a text-less prior)")
 
 
 @dataclass
@@ -52,10 +58,13 @@ class ViewPriorConditioningConfig:
     text_dropout: float = 0.1  # probability that a caption is replaced by the learned empty text
     camera_dropout: float = 0.1  # probability that a camera is replaced by the unknown view
     background: Literal["white", "random"] = "white"
+    view_head_weight: float = 1.0  # weight of the view head's MSE to the clean view, beside the ε-MSE
 
     def validate(self) -> None:
         if not (0.0 <= self.text_dropout <= 1.0 and 0.0 <= self.camera_dropout <= 1.0):
             raise ValueError("text_dropout and camera_dropout must be in [0, 1]")
+        if self.view_head_weight < 0.0:
+            raise ValueError(f"view_head_weight must not be negative, got {self.view_head_weight}")
 
 
 @dataclass
@@ -97,7 +106,7 @@ def build_prior(config: ViewPriorConfig) -> ViewPrior:
         attention=model.attention, head_dim=model.head_dim, norm_groups=model.norm_groups, text=model.text,
         text_tokens=model.text_tokens, camera=model.camera, background=config.conditioning.background,
         num_train_timesteps=diffusion.num_train_timesteps, beta_schedule=diffusion.beta_schedule,
-        beta_start=diffusion.beta_start, beta_end=diffusion.beta_end,
+        beta_start=diffusion.beta_start, beta_end=diffusion.beta_end, view_head=model.view_head,
     )
 
 
@@ -160,11 +169,17 @@ def train(config: ViewPriorConfig, resume: str | None = None, progress: bool = T
             timesteps = torch.randint(0, noise_schedule.config.num_train_timesteps, (size,), device=run.device)
             noisy = noise_schedule.add_noise(x0, noise, timesteps)
             with accelerator.accumulate(model):
-                prediction = model(noisy, timesteps, text, cameras, drop_text=drop_text, drop_camera=drop_camera)
-                loss = F.mse_loss(prediction.float(), noise.float())
+                prediction, estimate = model(noisy, timesteps, text, cameras, drop_text=drop_text, drop_camera=drop_camera,
+                                             return_view_estimate=True)
+                noise_loss = F.mse_loss(prediction.float(), noise.float())
+                head_loss = F.mse_loss(estimate.float(), x0.float()) if estimate is not None else None
+                loss = noise_loss if head_loss is None else noise_loss + conditioning.view_head_weight * head_loss
                 run.update(loss, model, optimizer, scheduler)
         run.ema.step(model.parameters())
-        run.log({"loss": loss.item(), "lr": scheduler.get_last_lr()[0]}, samples_per_step)
+        logged = {"loss": loss.item(), "loss/noise": noise_loss.item(), "lr": scheduler.get_last_lr()[0]}
+        if head_loss is not None:
+            logged["loss/view_head"] = head_loss.item()
+        run.log(logged, samples_per_step)
         if run.wants_images():
             run.log_image("samples/preview", preview_grid(prior, config.sampling))
             run.log_image("data/views", image_strip(rgb[:8]))

@@ -12,7 +12,7 @@ from diffusers import DDPMScheduler
 from shapekiln.data_prep.render import look_at_origin
 from shapekiln.errors import ShapekilnError
 from shapekiln.models.priors import (
-    DiffusionPrior, StableDiffusionPrior, TextCondition, ViewPrior, azimuth_elevation, load_prior, sds_loss,
+    DiffusionPrior, StableDiffusionPrior, TextCondition, ViewPrior, azimuth_elevation, camera_features, load_prior, sds_loss,
 )
 
 # ---------------------------------------------------------------------------------------------------
@@ -150,10 +150,10 @@ def test_bad_sds_arguments_are_shapekiln_errors():
 # The view prior
 
 
-def tiny_view_prior(text="minilm", camera=True, seed=0):
+def tiny_view_prior(text="minilm", camera=True, seed=0, view_head=False):
     torch.manual_seed(seed)
     return ViewPrior.create(image_size=16, block_out_channels=(16, 32), layers_per_block=1, attention=(False, True),
-                            head_dim=16, norm_groups=8, text=text, text_tokens=8, camera=camera)
+                            head_dim=16, norm_groups=8, text=text, text_tokens=8, camera=camera, view_head=view_head)
 
 
 def test_camera_angles_from_world_to_camera_follow_look_at_origin():
@@ -241,6 +241,42 @@ def test_view_prior_sds_gives_finite_gradients_into_the_render():
     assert all(p.grad is None for p in prior.parameters())  # no gradient through the denoiser
     with pytest.raises(ShapekilnError, match=r"\(B, 3, H, W\)"):
         prior.encode_images(torch.rand(2, 4, 16, 16))
+
+
+def test_view_head_reads_what_the_unet_reads_and_saves_with_the_prior(tmp_path):
+    prior = tiny_view_prior(view_head=True).eval()
+    assert prior.unet.config.in_channels == 6
+    x_t, t = torch.randn(2, 3, 16, 16), torch.tensor([10, 500])
+    text, cameras = prior.encode_text(["a tall lamp", "a round vase"]), torch.tensor([[0.0, 20.0], [90.0, 20.0]])
+    noise, estimate = prior(x_t, t, text, cameras, return_view_estimate=True)
+    assert noise.shape == estimate.shape == (2, 3, 16, 16) and estimate.abs().max() <= 1.0
+    # The estimate is the head of the pooled text and the camera features, and it changes with each.
+    pooled = (text.tokens * text.mask.unsqueeze(-1)).sum(1) / text.mask.sum(1, keepdim=True)
+    by_hand = torch.tanh(prior.view_head.net(torch.cat([pooled, camera_features(cameras, 2, "cpu")], 1))).view(2, 3, 16, 16)
+    torch.testing.assert_close(estimate, by_hand)
+    _, turned = prior(x_t, t, text, cameras.flip(0), return_view_estimate=True)
+    _, dropped = prior(x_t, t, text, cameras, drop_text=torch.ones(2, dtype=torch.bool), return_view_estimate=True)
+    _, empty = prior(x_t, t, prior.empty_text(2), cameras, return_view_estimate=True)
+    assert (turned - estimate).abs().max() > 1e-4 and (dropped - estimate).abs().max() > 1e-4
+    torch.testing.assert_close(dropped, empty)  # a dropped caption is the empty text for the head too
+    # Its loss trains the head and the empty text.
+    _, estimate = prior(x_t, t, text, cameras, drop_text=torch.tensor([True, False]), return_view_estimate=True)
+    estimate.square().mean().backward()
+    assert prior.view_head.net[0].weight.grad.abs().sum() > 0 and prior.empty_token.grad.abs().sum() > 0
+
+    with torch.no_grad():
+        for parameter in prior.unet.conv_out.parameters():
+            parameter.normal_(0, 0.1)
+    prior.save_pretrained(tmp_path / "prior")
+    assert json.loads((tmp_path / "prior" / "view_prior.json").read_text())["view_head"] is True
+    loaded = load_prior(tmp_path / "prior")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.predict_noise(x_t, t, text, cameras), prior.predict_noise(x_t, t, text, cameras), rtol=0, atol=0)
+    (tmp_path / "prior" / "view_head.safetensors").unlink()
+    with pytest.raises(ShapekilnError, match="view_head.safetensors is missing"):
+        load_prior(tmp_path / "prior")
+    with pytest.raises(ShapekilnError, match="needs a text-conditioned prior"):
+        tiny_view_prior(text=None, view_head=True)
 
 
 def test_load_prior_refuses_what_it_cannot_load(tmp_path):

@@ -31,12 +31,14 @@ def test_a_run_leaves_checkpoints_logs_with_images_and_a_prior_that_loads(traine
     (events,) = [p for p in (trained / "logs").rglob("events.out.tfevents.*") if p.parent.name == "view_prior"]
     accumulator = EventAccumulator(str(events))
     accumulator.Reload()
-    assert "samples/preview" in accumulator.Tags()["images"] and "loss" in accumulator.Tags()["scalars"]
+    assert "samples/preview" in accumulator.Tags()["images"]
+    assert {"loss", "loss/noise", "loss/view_head"} <= set(accumulator.Tags()["scalars"])  # the tiny config has a view head
     preview = accumulator.Images("samples/preview")[-1]
     assert (preview.height, preview.width) == (2 * 64, 2 * 64)  # 2 prompts × 2 azimuths of the tiny config
 
     prior = load_prior(trained / "model")
     assert isinstance(prior, ViewPrior) and prior.image_size == 16 and prior.text_conditioned and prior.camera_conditioned
+    assert prior.view_head is not None
     # The saved model is the EMA of the trained weights: it differs from the last training state.
     state = load_file(trained / "checkpoints" / "step-0000004" / "model.safetensors")
     assert not torch.equal(state["unet.conv_in.weight"], prior.unet.conv_in.weight.detach())
@@ -50,6 +52,7 @@ def test_a_run_leaves_checkpoints_logs_with_images_and_a_prior_that_loads(traine
 def test_the_cli_trains_a_text_less_prior_on_random_backgrounds(data, trained, tmp_path):
     config = yaml.safe_load((trained / "config.yaml").read_text())
     config["model"]["text"], config["model"]["camera"], config["conditioning"]["background"] = None, False, "random"
+    config["model"]["view_head"] = False  # a view head reads the text
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     shapekiln("train", "view-prior", "--config", tmp_path / "config.yaml", "--data", data, "--output-dir", tmp_path / "out",
               "--max-steps", 2, "--no-progress")
@@ -75,6 +78,7 @@ def strip_views(data, out):
         ("unknown_key", "unknown key 'channels'"),
         ("missing_key", "missing key 'camera'"),
         ("wrong_text", "key 'text': expected one of ['minilm']"),
+        ("head_without_text", "view_head reads the text"),
     ],
 )
 def test_a_bad_config_is_one_line_and_exit_2(setup, expected, trained, tmp_path, capsys):
@@ -88,6 +92,8 @@ def test_a_bad_config_is_one_line_and_exit_2(setup, expected, trained, tmp_path,
         del config["model"]["camera"]
     elif setup == "wrong_text":
         config["model"]["text"] = "bert"
+    elif setup == "head_without_text":
+        config["model"]["text"] = None
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     assert main(["--config", str(tmp_path / "config.yaml"), "--output-dir", str(tmp_path / "out"), "--no-progress"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
