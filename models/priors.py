@@ -197,11 +197,12 @@ class ViewHead(nn.Module):
     """Text and camera → an estimate of the view (B, 3, S, S) in [-1, 1]: the caption's mean image from that
     viewpoint, fed to the UNet as three more input channels (the latent diffusion model's LatentHead, in 2D).
 
-    The trainer regresses it onto the clean view, so it learns each caption's silhouette within a few hundred
-    steps, where cross-attention alone leaves the prior's text effect weak on a CPU budget; the denoiser then
-    reads the caption where it is spatially aligned with the image. It sees exactly what the UNet sees: the
-    masked mean of the text tokens (the learned empty text when the caption is dropped, so the unconditional
-    branch of guidance gets the data's mean view) and the camera features (zeros for the unknown view).
+    The trainer regresses it onto the clean view, so the denoiser gets the caption spatially aligned with the
+    image instead of only through cross-attention. It sees exactly what the UNet sees: the masked mean of the
+    text tokens (the learned empty text when the caption is dropped, so the unconditional branch of guidance
+    gets the data's mean view) and the camera features (zeros for the unknown view). Measured at the small
+    budget (README): the caption's effect on the predicted clean image doubles at t > 800 and is unchanged
+    below, and SDS's effect on attributes did not change, so `small` leaves it off.
     """
 
     def __init__(self, text_dim: int, image_size: int, hidden: int = 512):
@@ -412,7 +413,7 @@ class ViewPrior(DiffusionPrior):
             try:
                 prior.view_head.load_state_dict(head)
             except RuntimeError as error:
-                raise ShapekilnError(f"view prior {folder}: {VIEW_HEAD_FILE} does not fit the UNet ({first_line(error)})") from None
+                raise ShapekilnError(f"view prior {folder}: {VIEW_HEAD_FILE} does not fit this prior ({first_line(error)})") from None
         return prior.to(device).eval()
 
 
