@@ -65,6 +65,13 @@ def encode_partial(vqvae: Any, partial_tsdf: torch.Tensor, known_mask: torch.Ten
     return torch.cat([latent * known_cells, known_cells], dim=1)
 
 
+def masked_mean(tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """(B, L, D) tokens, (B, L) bool mask (True = real token) or None for all → their mean (B, D), as
+    sentence embeddings pool; a row without any real token gives zeros."""
+    weights = torch.ones(tokens.shape[:2], device=tokens.device) if mask is None else mask.to(tokens.dtype)
+    return (tokens * weights.unsqueeze(-1)).sum(1) / weights.sum(1, keepdim=True).clamp(min=1.0)
+
+
 class LatentHead(nn.Module):
     """A modality's tokens (B, L, D) → an estimate of the shape's normalized latent (B, C, r, r, r).
 
@@ -86,8 +93,7 @@ class LatentHead(nn.Module):
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if self.pooled:
-            weights = torch.ones(tokens.shape[:2], device=tokens.device) if mask is None else mask.to(tokens.dtype)
-            features = (tokens * weights.unsqueeze(-1)).sum(1) / weights.sum(1, keepdim=True).clamp(min=1.0)  # (B, D)
+            features = masked_mean(tokens, mask)  # (B, D)
         else:
             features = tokens.flatten(1)  # (B, L·D)
         return self.proj(features).view(-1, *self.latent_shape)

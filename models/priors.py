@@ -213,10 +213,10 @@ class ViewHead(nn.Module):
 
     def forward(self, text: TextCondition, camera: torch.Tensor) -> torch.Tensor:
         """text tokens (B, L, D) with mask (B, L), camera features (B, CAMERA_FEATURES) → (B, 3, S, S)."""
-        tokens = text.tokens.float()
-        weights = torch.ones(tokens.shape[:2], device=tokens.device) if text.mask is None else text.mask.to(tokens.dtype)
-        pooled = (tokens * weights.unsqueeze(-1)).sum(1) / weights.sum(1, keepdim=True).clamp(min=1.0)  # (B, D)
-        features = torch.cat([pooled, camera.to(tokens.dtype)], dim=1)
+        from shapekiln.models.conditioning import masked_mean
+
+        pooled = masked_mean(text.tokens.float(), text.mask)  # (B, D)
+        features = torch.cat([pooled, camera.to(pooled.dtype)], dim=1)
         return torch.tanh(self.net(features)).view(-1, 3, self.image_size, self.image_size)
 
 

@@ -7,7 +7,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 import numpy as np
 import torch
@@ -300,16 +300,21 @@ def _text_diversity(generated: list[float], data: str | Path, targets: list[dict
     def key(category: str, values: dict[str, str]) -> tuple:
         return (category, *(values.get(name) for name in attributes.get(category, {})))
 
+    def every_split() -> Iterator[dict[str, Any]]:
+        for split in ("train", "val", "test"):
+            try:
+                shards = list_shards(data, split)
+            except ShapekilnError:  # no such split
+                continue
+            yield from ShapeShards(shards, resolution=resolution)
+
     matches: dict[tuple, list[np.ndarray]] = {key(target["category"], target): [] for target in targets}
-    for split in ("train", "val", "test"):
-        try:
-            shards = list_shards(data, split)
-        except ShapekilnError:  # no such split
-            continue
-        for sample in ShapeShards(shards, resolution=resolution):
-            found = matches.get(key(sample["category"], sample["attributes"]))
-            if found is not None and len(found) < per_prompt:
-                found.append(sample["tsdf"][0].numpy())
+    for sample in every_split():
+        found = matches.get(key(sample["category"], sample["attributes"]))
+        if found is not None and len(found) < per_prompt:
+            found.append(sample["tsdf"][0].numpy())
+            if all(len(shapes) == per_prompt for shapes in matches.values()):
+                break  # every prompt has its shapes: read no further
     data_tmd = [total_mutual_difference([surface_points(tsdf, points, seed=j) for j, tsdf in enumerate(shapes)])
                 for shapes in matches.values() if len(shapes) == per_prompt]
     result = {"text_tmd": float(np.mean(generated)), "text_data_tmd_prompts": len(data_tmd)}
