@@ -26,9 +26,10 @@ from shapekiln.errors import ShapekilnError
 
 
 def list_shards(data: str | Path | Sequence[str | Path], split: str = "train") -> list[str]:
-    """Shard paths from a prepared directory (its `{split}-*.tar`), a glob pattern, or a list of paths."""
+    """Shard paths from a prepared directory (its `{split}-*.tar`; splits joined by "+", such as "test+val",
+    list each split's shards in that order), a glob pattern, or a list of paths."""
     if isinstance(data, (str, Path)) and Path(data).is_dir():
-        shards = sorted(glob.glob(str(Path(data) / f"{split}-*.tar")))
+        shards = [path for part in split.split("+") for path in sorted(glob.glob(str(Path(data) / f"{part}-*.tar")))]
         where = f"{data} (split {split})"
     elif isinstance(data, (str, Path)):
         shards = sorted(glob.glob(str(data)))

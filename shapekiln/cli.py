@@ -130,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--ckpt", type=Path, required=True, help="saved pipeline folder (RUN/pipeline)")
     ev.add_argument("--data", type=Path, required=True, help="prepared TSDF or latent shard directory")
     ev.add_argument("--classifier", type=Path, help="attribute classifier folder (eval train-classifier); without it text-attribute accuracy is skipped")
-    ev.add_argument("--split", default="test", choices=["train", "val", "test"])
+    ev.add_argument("--split", default="test", choices=["train", "val", "test", "test+val"],
+                    help="held-out shapes to score against (default test; test+val: both, test first)")
     ev.add_argument("--count", type=int, default=32, help="held-out shapes for MMD/COV/1-NNA (0 skips)")
     ev.add_argument("--prompts", type=int, default=20, help="attribute prompts for text accuracy")
     ev.add_argument("--samples-per-prompt", type=int, default=2)

@@ -101,6 +101,15 @@ def test_wrong_resolution_and_missing_shards_are_clear_errors(shards, tmp_path):
         list_shards(shards, split="val")
 
 
+def test_joined_splits_list_each_splits_shards_in_the_order_given(tmp_path):
+    for name in ("train-000000", "test-000001", "test-000000", "val-000000"):
+        (tmp_path / f"{name}.tar").touch()
+    names = lambda split: [path.rsplit("/", 1)[-1] for path in list_shards(tmp_path, split)]
+    assert names("test+val") == ["test-000000.tar", "test-000001.tar", "val-000000.tar"]
+    assert names("val+test") == ["val-000000.tar", "test-000000.tar", "test-000001.tar"]
+    assert names("test") == ["test-000000.tar", "test-000001.tar"]
+
+
 def grid(resolution=32):
     axis = -1.0 + (np.arange(resolution) + 0.5) * 2.0 / resolution
     return np.stack(np.meshgrid(axis, axis, axis, indexing="ij"), axis=-1)

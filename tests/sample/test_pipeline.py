@@ -75,6 +75,14 @@ def test_samplers_do_not_clip_unit_variance_latents(pipeline):
     assert pipeline.sampler("dpm++").config.thresholding is False
 
 
+def test_dpm_solver_starts_from_the_last_training_timestep(pipeline):
+    """The sampler starts from pure noise, which belongs at the last training timestep; with the training schedule's
+    "leading" spacing, 20 DPM-Solver++ steps would start at t = 940."""
+    sampler = pipeline.sampler("dpm++")
+    sampler.set_timesteps(20)
+    assert int(sampler.timesteps[0]) == pipeline.scheduler.config.num_train_timesteps - 1
+
+
 def test_same_seed_same_shapes_other_seed_other_shapes(pipeline):
     first = pipeline(text="a lamp", steps=3, seed=7, progress=False).latents
     assert torch.equal(first, pipeline(text="a lamp", steps=3, seed=7, progress=False).latents)
