@@ -45,16 +45,15 @@ CASES = (
 def held_out(data: Path, count: int) -> dict[tuple, list[dict]]:
     """Up to `count` held-out shapes (val, then test split) for each case."""
     chosen: dict[tuple, list[dict]] = {case: [] for case in CASES}
-    for split in ("val", "test"):
-        try:
-            shards = list_shards(data, split)
-        except ShapekilnError:  # no such split
-            continue
-        for sample in ShapeShards(shards):
-            for case in CASES:
-                category, attribute, value, _ = case
-                if sample["category"] == category and sample["attributes"][attribute] == value and len(chosen[case]) < count:
-                    chosen[case].append(sample)
+    try:
+        shards = list_shards(data, "val+test")
+    except ShapekilnError:  # no held-out split
+        return chosen
+    for sample in ShapeShards(shards):
+        for case in CASES:
+            category, attribute, value, _ = case
+            if sample["category"] == category and sample["attributes"][attribute] == value and len(chosen[case]) < count:
+                chosen[case].append(sample)
     return chosen
 
 

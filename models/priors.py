@@ -25,6 +25,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
 from shapekiln.errors import ShapekilnError, first_line
+from shapekiln.models.conditioning import masked_mean
 
 VIEW_PRIOR_FILE = "view_prior.json"
 EMPTY_TEXT_FILE = "empty_text.safetensors"
@@ -213,8 +214,6 @@ class ViewHead(nn.Module):
 
     def forward(self, text: TextCondition, camera: torch.Tensor) -> torch.Tensor:
         """text tokens (B, L, D) with mask (B, L), camera features (B, CAMERA_FEATURES) → (B, 3, S, S)."""
-        from shapekiln.models.conditioning import masked_mean
-
         pooled = masked_mean(text.tokens.float(), text.mask)  # (B, D)
         features = torch.cat([pooled, camera.to(pooled.dtype)], dim=1)
         return torch.tanh(self.net(features)).view(-1, 3, self.image_size, self.image_size)

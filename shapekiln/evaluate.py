@@ -7,7 +7,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
@@ -300,16 +300,8 @@ def _text_diversity(generated: list[float], data: str | Path, targets: list[dict
     def key(category: str, values: dict[str, str]) -> tuple:
         return (category, *(values.get(name) for name in attributes.get(category, {})))
 
-    def every_split() -> Iterator[dict[str, Any]]:
-        for split in ("train", "val", "test"):
-            try:
-                shards = list_shards(data, split)
-            except ShapekilnError:  # no such split
-                continue
-            yield from ShapeShards(shards, resolution=resolution)
-
     matches: dict[tuple, list[np.ndarray]] = {key(target["category"], target): [] for target in targets}
-    for sample in every_split():
+    for sample in ShapeShards(list_shards(data, "train+val+test"), resolution=resolution):
         found = matches.get(key(sample["category"], sample["attributes"]))
         if found is not None and len(found) < per_prompt:
             found.append(sample["tsdf"][0].numpy())
