@@ -81,6 +81,7 @@ def main() -> None:
     parser.add_argument("--views", type=int, default=RefineConfig.views_per_step, help="random views per step")
     parser.add_argument("--vqvae", type=Path, help="optimize the shapes' latents under this VQ-VAE (default: a residual grid)")
     parser.add_argument("--no-color", action="store_true", help="refine the shape only, not an albedo grid")
+    parser.add_argument("--negative", action="store_true", help="guide away from the shape's own caption (its present attribute) instead of the empty text")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -108,7 +109,8 @@ def main() -> None:
             asked = {**sample["attributes"], attribute: wanted}
             prompt = captions_for(category, asked)[0]
             started = time.perf_counter()
-            result = refine(tsdf, prior, prompt, config, tau=0.2, vqvae=vqvae, progress=False)
+            negative = captions_for(category, sample["attributes"])[0] if args.negative else None
+            result = refine(tsdf, prior, prompt, config, tau=0.2, vqvae=vqvae, progress=False, negative=negative)
             minutes = (time.perf_counter() - started) / 60
             before, after = classify(classifier, np.stack([tsdf, result.tsdf]))
             before_hits.append(before.get(attribute) == wanted and before["category"] == category)

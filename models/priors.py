@@ -87,16 +87,19 @@ class DiffusionPrior(nn.Module):
         raise NotImplementedError
 
     def guided_noise(self, x_t: torch.Tensor, t: torch.Tensor, text: TextCondition | None, guidance_scale: float,
-                     cameras: torch.Tensor | None = None) -> torch.Tensor:
-        """ε̂ = ε(x_t, ∅) + s·(ε(x_t, c) − ε(x_t, ∅)), both branches in one predict_noise call of batch 2B.
-        `text` None: ε(x_t, ∅) alone (unconditional); s = 1: ε(x_t, c) alone, which the formula reduces to."""
+                     cameras: torch.Tensor | None = None, negative: TextCondition | None = None) -> torch.Tensor:
+        """ε̂ = ε(x_t, n) + s·(ε(x_t, c) − ε(x_t, n)), both branches in one predict_noise call of batch 2B, where
+        n is the empty text ∅, or the `negative` prompt (as diffusers' negative_prompt: guidance then pushes
+        away from it). `text` None: ε(x_t, ∅) alone (unconditional); s = 1: ε(x_t, c) alone."""
         batch = x_t.shape[0]
         if text is None:
             return self.predict_noise(x_t, t, self.empty_text(batch), cameras)
         if guidance_scale == 1.0:
             return self.predict_noise(x_t, t, text, cameras)
+        if negative is not None and len(negative) != batch:
+            raise ShapekilnError(f"{len(negative)} negative text conditions for {batch} images")
         t = torch.as_tensor(t, device=x_t.device).reshape(-1).expand(batch)
-        both = TextCondition.cat(self.empty_text(batch), text)
+        both = TextCondition.cat(negative if negative is not None else self.empty_text(batch), text)
         cameras_both = None if cameras is None else torch.cat([cameras, cameras])
         unconditional, conditional = self.predict_noise(torch.cat([x_t, x_t]), torch.cat([t, t]), both, cameras_both).chunk(2)
         return unconditional + guidance_scale * (conditional - unconditional)
@@ -130,12 +133,13 @@ class SDSOutput:
 
 def sds_loss(prior: DiffusionPrior, rgb: torch.Tensor, text: TextCondition | None, *, guidance_scale: float,
              t: torch.Tensor, noise: torch.Tensor | None = None, cameras: torch.Tensor | None = None,
-             weighting: str = "sds", generator: torch.Generator | None = None) -> SDSOutput:
+             weighting: str = "sds", generator: torch.Generator | None = None,
+             negative: TextCondition | None = None) -> SDSOutput:
     """Score Distillation Sampling (DreamFusion, eq. 3) for renders `rgb` (B, 3, H, W) in [0, 1].
 
-    ε̂ = ε(x_t, ∅) + s·(ε(x_t, c) − ε(x_t, ∅)), both branches in one predict_noise call of batch 2B and no
+    ε̂ = ε(x_t, n) + s·(ε(x_t, c) − ε(x_t, n)), both branches in one predict_noise call of batch 2B and no
     gradient through the denoiser; grad = w(t)·(ε̂ − ε) with w = 1 − ᾱ_t ("sds") or 1 ("uniform").
-    `text` None: unconditional SDS with the prior's empty text.
+    n is the empty text, or `negative` (a prompt to move away from). `text` None: unconditional SDS.
     """
     if weighting not in ("sds", "uniform"):
         raise ShapekilnError(f"weighting must be 'sds' or 'uniform', got {weighting!r}")
@@ -157,7 +161,7 @@ def sds_loss(prior: DiffusionPrior, rgb: torch.Tensor, text: TextCondition | Non
 
     with torch.no_grad():
         x_t = scheduler.add_noise(x0.detach(), noise, t)
-        noise_pred = prior.guided_noise(x_t, t, text, guidance_scale, cameras)
+        noise_pred = prior.guided_noise(x_t, t, text, guidance_scale, cameras, negative=negative)
         alphas_cumprod = scheduler.alphas_cumprod.to(x0.device)[t].to(x0.dtype).view(-1, *([1] * (x0.ndim - 1)))
         weight = 1.0 - alphas_cumprod if weighting == "sds" else torch.ones_like(alphas_cumprod)
         # NaN stays NaN: the caller must see a broken prior (refine stops on it) rather than a zero push.
@@ -202,8 +206,8 @@ class ViewHead(nn.Module):
     image instead of only through cross-attention. It sees exactly what the UNet sees: the masked mean of the
     text tokens (the learned empty text when the caption is dropped, so the unconditional branch of guidance
     gets the data's mean view) and the camera features (zeros for the unknown view). Measured at the small
-    budget (README): the caption's effect on the predicted clean image doubles at t > 800 and is unchanged
-    below, and SDS's effect on attributes did not change, so `small` leaves it off.
+    budget (README): trained at its own higher rate (`conditioning.view_head_lr`, as the LDM's latent heads)
+    it makes the prior read geometric words ("tall" vs "short"), which without it changed nothing.
     """
 
     def __init__(self, text_dim: int, image_size: int, hidden: int = 512):

@@ -89,6 +89,21 @@ class Upsample(nn.Module):
         return self.conv(x)  # (B, C, 2R, 2R, 2R)
 
 
+def fold_patches(x: torch.Tensor, p: int) -> torch.Tensor:
+    """(B, C, R, R, R) → (B, C·p³, R/p, R/p, R/p): each p³ block of voxels becomes channels (space to depth)."""
+    b, c, d, h, w = x.shape
+    x = x.reshape(b, c, d // p, p, h // p, p, w // p, p)
+    return x.permute(0, 1, 3, 5, 7, 2, 4, 6).reshape(b, c * p**3, d // p, h // p, w // p)
+
+
+def unfold_patches(x: torch.Tensor, p: int) -> torch.Tensor:
+    """The inverse of `fold_patches`: (B, C·p³, r, r, r) → (B, C, r·p, r·p, r·p)."""
+    b, cp, d, h, w = x.shape
+    c = cp // p**3
+    x = x.reshape(b, c, p, p, p, d, h, w)
+    return x.permute(0, 1, 5, 2, 6, 3, 7, 4).reshape(b, c, d * p, h * p, w * p)
+
+
 def mid_block(channels: int, groups: int, attention: bool) -> nn.Sequential:
     return nn.Sequential(
         ResBlock(channels, channels, groups),
@@ -99,9 +114,10 @@ def mid_block(channels: int, groups: int, attention: bool) -> nn.Sequential:
 
 class Encoder(nn.Module):
     def __init__(self, in_channels: int, base_channels: int, channel_mult: tuple[int, ...], num_res_blocks: int,
-                 attention: bool, latent_channels: int, groups: int):
+                 attention: bool, latent_channels: int, groups: int, patch_size: int = 1):
         super().__init__()
-        self.conv_in = nn.Conv3d(in_channels, base_channels, 3, padding=1)
+        self.patch_size = patch_size
+        self.conv_in = nn.Conv3d(in_channels * patch_size**3, base_channels, 3, padding=1)
         blocks, channels = [], base_channels
         for level, mult in enumerate(channel_mult):
             for _ in range(num_res_blocks):
@@ -115,14 +131,17 @@ class Encoder(nn.Module):
         self.conv_out = nn.Conv3d(channels, latent_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.mid(self.down(self.conv_in(x)))  # (B, C_top, R/4, R/4, R/4) for three levels
+        if self.patch_size > 1:
+            x = fold_patches(x, self.patch_size)
+        h = self.mid(self.down(self.conv_in(x)))  # (B, C_top, r, r, r)
         return self.conv_out(F.silu(self.norm_out(h)))  # (B, latent_channels, r, r, r)
 
 
 class Decoder(nn.Module):
     def __init__(self, out_channels: int, base_channels: int, channel_mult: tuple[int, ...], num_res_blocks: int,
-                 attention: bool, latent_channels: int, groups: int, upsample: str = "nearest"):
+                 attention: bool, latent_channels: int, groups: int, upsample: str = "nearest", patch_size: int = 1):
         super().__init__()
+        self.patch_size = patch_size
         channels = base_channels * channel_mult[-1]
         self.conv_in = nn.Conv3d(latent_channels, channels, 3, padding=1)
         self.mid = mid_block(channels, groups, attention)
@@ -135,11 +154,12 @@ class Decoder(nn.Module):
                 blocks.append(Upsample(channels, upsample))
         self.up = nn.Sequential(*blocks)
         self.norm_out = group_norm(channels, groups)
-        self.conv_out = nn.Conv3d(channels, out_channels, 3, padding=1)
+        self.conv_out = nn.Conv3d(channels, out_channels * patch_size**3, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.up(self.mid(self.conv_in(z)))  # (B, C_base, R, R, R)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        h = self.up(self.mid(self.conv_in(z)))  # (B, C_base, R/p, R/p, R/p)
+        out = self.conv_out(F.silu(self.norm_out(h)))
+        return unfold_patches(out, self.patch_size) if self.patch_size > 1 else out
 
 
 @dataclass
@@ -284,22 +304,25 @@ class VQVAE(ModelMixin, ConfigMixin):
         restart_dead_codes: bool = True,
         norm_groups: int = 8,
         upsample: str = "nearest",
+        patch_size: int = 1,
     ):
         super().__init__()
-        downsampling = 2 ** (len(channel_mult) - 1)
+        if patch_size < 1:
+            raise ValueError(f"patch_size must be at least 1, got {patch_size}")
+        downsampling = patch_size * 2 ** (len(channel_mult) - 1)
         if resolution % downsampling:
-            raise ValueError(f"resolution {resolution} is not divisible by {downsampling} (2^(levels-1))")
+            raise ValueError(f"resolution {resolution} is not divisible by {downsampling} (patch_size · 2^(levels-1))")
         if tau <= 0:
             raise ValueError(f"tau must be positive, got {tau}")
         channel_mult = tuple(channel_mult)
         args = (base_channels, channel_mult, num_res_blocks, attention, latent_channels, norm_groups)
-        self.encoder = Encoder(in_channels, *args)
+        self.encoder = Encoder(in_channels, *args, patch_size=patch_size)
         self.quantizer = VectorQuantizer(codebook_size, latent_channels, commitment_weight, ema_decay, restart_dead_codes)
-        self.decoder = Decoder(in_channels, *args, upsample=upsample)
+        self.decoder = Decoder(in_channels, *args, upsample=upsample, patch_size=patch_size)
 
     @property
     def latent_resolution(self) -> int:
-        return self.config.resolution // 2 ** (len(self.config.channel_mult) - 1)
+        return self.config.resolution // (self.config.patch_size * 2 ** (len(self.config.channel_mult) - 1))
 
     @property
     def latent_shape(self) -> tuple[int, int, int, int]:

@@ -128,8 +128,11 @@ def colored_mesh(tsdf: np.ndarray, colors: np.ndarray | None, level: float = 0.0
 
 def refine(start: np.ndarray | torch.Tensor, prior: DiffusionPrior, text: str | None, config: RefineConfig | None = None, *,
            tau: float = 0.2, vqvae: VQVAE | None = None, latent: torch.Tensor | None = None, log_dir: str | Path | None = None,
-           progress: bool = True) -> RefineResult:
+           progress: bool = True, negative: str | None = None) -> RefineResult:
     """Refine the TSDF grid `start` (R, R, R) toward `text` with SDS; see the module docstring.
+
+    `negative`: a prompt guidance pushes away from, in place of the empty text (say, the shape's present
+    caption, so that the push is the difference between what it is and what it should be).
 
     With target "latent" the latent of `vqvae` is optimized: `latent` (C, r, r, r,
     pre-quantization, as `ShapePipeline` returns them) when given, else the encoding of `start`.
@@ -147,6 +150,8 @@ def refine(start: np.ndarray | torch.Tensor, prior: DiffusionPrior, text: str | 
         raise ShapekilnError("this prior was trained without text; refine without a prompt or use a text-conditioned prior")
     if text is not None and not text.strip():
         raise ShapekilnError("the prompt is empty")
+    if negative is not None and (text is None or not negative.strip()):
+        raise ShapekilnError("a negative prompt needs a prompt and must not be empty")
 
     # Everything lives where the prior does (its parameters' device); random draws come from one CPU generator.
     device = next(iter(prior.parameters()), torch.empty(0)).device
@@ -154,6 +159,7 @@ def refine(start: np.ndarray | torch.Tensor, prior: DiffusionPrior, text: str | 
     generator = torch.Generator().manual_seed(config.seed)
     with torch.no_grad():
         text_condition = prior.encode_text([text] * config.views_per_step) if text is not None else prior.empty_text(config.views_per_step)
+        negative_condition = prior.encode_text([negative] * config.views_per_step) if negative is not None else None
     parameters, decode = _parameterize(start_tsdf, target, vqvae, latent)
     groups = [{"params": parameters, "lr": config.lr or (0.02 if target == "latent" else 0.005)}]
     colors_logit = None
@@ -185,7 +191,7 @@ def refine(start: np.ndarray | torch.Tensor, prior: DiffusionPrior, text: str | 
                              config=render_config, generator=generator)
         camera_angles = torch.tensor([[c.azimuth_deg, c.elevation_deg] for c in cameras], dtype=torch.float32, device=device)
         sds = sds_loss(prior, render.rgb, text_condition, guidance_scale=config.guidance, t=t, cameras=camera_angles,
-                       weighting=config.weighting, generator=generator)
+                       weighting=config.weighting, generator=generator, negative=negative_condition)
         # per element of x0, so the regularizer weights mean the same at any render size and view count
         terms = {"sds": sds.loss / sds.grad.numel(), **_regularizers(tsdf, start_tsdf, tau, config)}
         loss = sum(terms.values())

@@ -81,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     refine = commands.add_parser("refine", help="refine a shape toward a prompt by Score Distillation Sampling with a 2D diffusion prior")
     refine.add_argument("input", type=Path, help="the shape: a TSDF .npy (as `sample` writes them) or a mesh in [-1, 1]³")
     refine.add_argument("--text", help="the prompt (without it: unconditional SDS)")
+    refine.add_argument("--negative-text", help="a prompt to move away from, in place of the empty text (say, what the shape is now)")
     refine.add_argument("--prior", type=Path, help="a view-prior folder (`train view-prior`) or a local Stable Diffusion folder (default: CKPT/view_prior)")
     refine.add_argument("--steps", type=int, default=200, help="SDS steps (default 200)")
     refine.add_argument("--ckpt", type=Path, help="a pipeline folder: its VQ-VAE for --target latent, its view_prior/ when --prior is not given")
@@ -170,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument("--out", type=Path, default=Path("runs/quickstart"), help="default runs/quickstart")
     quick.add_argument("--count", type=int, default=1000, help="synthetic shapes (default 1000)")
     quick.add_argument("--workers", type=int, default=2, help="prep processes (default 2)")
-    quick.add_argument("--vqvae-steps", type=int, default=400, help="VQ-VAE training steps (default 400)")
+    quick.add_argument("--vqvae-steps", type=int, default=800, help="VQ-VAE training steps (default 800)")
     quick.add_argument("--ldm-steps", type=int, help="diffusion training steps (default: configs/ldm/small.yaml, 800)")
     quick.add_argument("--samples", type=int, default=4, help="shapes per prompt (default 4)")
     quick.add_argument("--no-progress", action="store_true")
@@ -406,6 +407,8 @@ def _run_refine(args: argparse.Namespace) -> int:
     formats = _check_sampling_args(args)
     if args.text is not None and not args.text.strip():
         raise ShapekilnError("--text is empty")
+    if args.negative_text is not None and (args.text is None or not args.negative_text.strip()):
+        raise ShapekilnError("--negative-text needs --text and must not be empty")
     if args.ckpt is not None and args.vqvae is not None:
         raise ShapekilnError("give --ckpt or --vqvae, not both")
     if args.prior is None and (args.ckpt is None or not (args.ckpt / "view_prior").is_dir()):
@@ -430,7 +433,7 @@ def _run_refine(args: argparse.Namespace) -> int:
     start = load_shape(args.input, vqvae.config.resolution if vqvae is not None else None, tau, args.normalize, args.resolution)
     prior = load_prior(args.prior or args.ckpt / "view_prior", device=device)
     result = refine(start, prior, args.text, config, tau=tau, vqvae=vqvae.to(device) if vqvae is not None else None,
-                    log_dir=args.out / "logs", progress=not args.no_progress)
+                    log_dir=args.out / "logs", progress=not args.no_progress, negative=args.negative_text)
     written = write_refined(result, args.out, args.text, formats)
     print(f"refine: {result.steps} steps, {result.seconds_per_step:.2f} s/step → {args.out} "
           f"(preview: {args.out / 'preview.png'}, {len(written)} files; loss curve: tensorboard --logdir {args.out / 'logs'})")

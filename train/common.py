@@ -103,6 +103,17 @@ def make_accelerator(train: TrainConfig, output_dir: Path) -> Accelerator:
     return accelerator
 
 
+def parameter_groups(model: torch.nn.Module, part: torch.nn.Module | None, part_lr: float | None) -> list[dict[str, Any]]:
+    """Torch parameter groups for `Run.prepare`: the trainable parameters of `part` (a submodule, say a
+    conditioning head) at their own `part_lr`, the rest at train.lr; one group when either is None."""
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    if part is None or part_lr is None:
+        return [{"params": trainable}]
+    inside = {id(parameter) for parameter in part.parameters()}
+    return [{"params": [p for p in trainable if id(p) not in inside]},
+            {"params": [p for p in trainable if id(p) in inside], "lr": part_lr}]
+
+
 def latest_checkpoint(output_dir: Path) -> Path | None:
     steps = [(int(m.group(1)), p) for p in (output_dir / "checkpoints").glob("step-*") if (m := re.fullmatch(r"step-(\d+)", p.name))]
     return max(steps)[1] if steps else None

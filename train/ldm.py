@@ -36,7 +36,7 @@ from shapekiln.models.io import load_pretrained
 from shapekiln.models.unet3d import UNet3DModel
 from shapekiln.models.vqvae import VQVAE
 from shapekiln.sample.pipeline import PipelineConfig, ShapePipeline
-from shapekiln.train.common import DataConfig, Run, TrainConfig
+from shapekiln.train.common import DataConfig, Run, TrainConfig, parameter_groups
 from shapekiln.train.options import add_train_arguments, apply_train_arguments, time_limit_seconds
 
 
@@ -182,16 +182,6 @@ def check_latents(config: LDMConfig, vqvae: VQVAE) -> None:
         raise ShapekilnError(f"{config.data.shards} was encoded by another VQ-VAE than {config.vqvae}; encode again or point `vqvae` at that model")
 
 
-def parameter_groups(model: LatentDiffusion, head_lr: float | None) -> list[dict[str, Any]]:
-    """The optimizer's parameter groups: the latent heads at `head_lr` (when given), the rest at train.lr."""
-    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    if head_lr is None:
-        return [{"params": trainable}]
-    heads = {id(parameter) for parameter in model.conditioning.heads.parameters()}
-    return [{"params": [p for p in trainable if id(p) not in heads]},
-            {"params": [p for p in trainable if id(p) in heads], "lr": head_lr}]
-
-
 def train(config: LDMConfig, resume: str | None = None, progress: bool = True,
           time_limit: float | None = None) -> Path:
     """Train to config.train.max_steps; returns the folder of the saved pipeline (EMA weights)."""
@@ -209,7 +199,7 @@ def train(config: LDMConfig, resume: str | None = None, progress: bool = True,
 
     head_weight = config.conditioning.latent_head_weight
     model = LatentDiffusion(unet, conditioning)
-    model, optimizer, scheduler = run.prepare(model, parameter_groups(model, config.conditioning.latent_head_lr))
+    model, optimizer, scheduler = run.prepare(model, parameter_groups(model, model.conditioning.heads, config.conditioning.latent_head_lr))
     for tower in towers.values():
         tower.to(run.device)
     batches = run.batches(config.data, vqvae.config.resolution, vqvae.config.tau,

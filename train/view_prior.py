@@ -29,7 +29,7 @@ from shapekiln.errors import ShapekilnError
 from shapekiln.data_prep.reader import dataset_config
 from shapekiln.models.encoders import rgba_to_rgb
 from shapekiln.models.priors import ViewPrior, azimuth_elevation
-from shapekiln.train.common import DataConfig, Run, TrainConfig
+from shapekiln.train.common import DataConfig, Run, TrainConfig, parameter_groups
 from shapekiln.train.options import add_train_arguments, apply_train_arguments, time_limit_seconds
 
 
@@ -59,12 +59,15 @@ class ViewPriorConditioningConfig:
     camera_dropout: float = 0.1  # probability that a camera is replaced by the unknown view
     background: Literal["white", "random"] = "white"
     view_head_weight: float = 1.0  # weight of the view head's MSE to the clean view, beside the ε-MSE
+    view_head_lr: float | None = None  # the view head's own learning rate (None: train.lr), as the LDM's latent_head_lr
 
     def validate(self) -> None:
         if not (0.0 <= self.text_dropout <= 1.0 and 0.0 <= self.camera_dropout <= 1.0):
             raise ValueError("text_dropout and camera_dropout must be in [0, 1]")
         if self.view_head_weight < 0.0:
             raise ValueError(f"view_head_weight must not be negative, got {self.view_head_weight}")
+        if self.view_head_lr is not None and self.view_head_lr <= 0.0:
+            raise ValueError(f"view_head_lr must be positive, got {self.view_head_lr}")
 
 
 @dataclass
@@ -97,6 +100,10 @@ class ViewPriorConfig:
     sampling: ViewPriorSamplingConfig = field(default_factory=ViewPriorSamplingConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> None:
+        if self.conditioning.view_head_lr is not None and not self.model.view_head:
+            raise ValueError("conditioning.view_head_lr is set but model.view_head is false")
 
 
 def build_prior(config: ViewPriorConfig) -> ViewPrior:
@@ -148,7 +155,7 @@ def train(config: ViewPriorConfig, resume: str | None = None, progress: bool = T
     resolution, tau = view_dataset(config.data.shards)
     prior = build_prior(config)
     noise_schedule = prior.scheduler
-    model, optimizer, scheduler = run.prepare(prior)
+    model, optimizer, scheduler = run.prepare(prior, parameter_groups(prior, prior.view_head, config.conditioning.view_head_lr))
     if prior.text_tower is not None:
         prior.text_tower.to(run.device)
     batches = run.batches(config.data, resolution, tau, views="one")
@@ -176,7 +183,8 @@ def train(config: ViewPriorConfig, resume: str | None = None, progress: bool = T
                 loss = noise_loss if head_loss is None else noise_loss + conditioning.view_head_weight * head_loss
                 run.update(loss, model, optimizer, scheduler)
         run.ema.step(model.parameters())
-        logged = {"loss": loss.item(), "loss/noise": noise_loss.item(), "lr": scheduler.get_last_lr()[0]}
+        rates = scheduler.get_last_lr()
+        logged = {"loss": loss.item(), "loss/noise": noise_loss.item(), "lr": rates[0], **({"lr/head": rates[1]} if len(rates) > 1 else {})}
         if head_loss is not None:
             logged["loss/view_head"] = head_loss.item()
         run.log(logged, samples_per_step)

@@ -43,6 +43,7 @@ class VQVAEModelConfig:
     restart_dead_codes: bool = True
     norm_groups: int = 8
     upsample: str = "nearest"  # or "transpose"
+    patch_size: int = 1  # > 1: p³ voxel blocks fold into channels before the first conv (and unfold after the last)
 
 
 @dataclass

@@ -113,6 +113,22 @@ def test_no_text_is_unconditional_sds_and_noise_comes_from_the_generator():
     assert not torch.allclose(first.grad, other.grad)
 
 
+def test_a_negative_prompt_takes_the_place_of_the_empty_text_in_one_pass():
+    """ε̂ = ε(x_t, n) + s·(ε(x_t, c) − ε(x_t, n)): guidance pushes away from the negative prompt n."""
+    prior = GaussianPrior()
+    rgb, noise, t = toy_inputs()
+    mean_negative = 0.1
+    negative = TextCondition(torch.full((3, 1, 1), mean_negative))
+    out = sds_loss(prior, rgb, prior.encode_text(["x"] * 3), guidance_scale=5.0, t=t, noise=noise, negative=negative)
+    alpha = prior.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    x_t = alpha.sqrt() * rgb.detach() + (1 - alpha).sqrt() * noise
+    eps_negative, eps_text = exact_eps(x_t, t, mean_negative, prior.scheduler), exact_eps(x_t, t, MEAN_TEXT, prior.scheduler)
+    torch.testing.assert_close(out.grad, (1 - alpha) * (eps_negative + 5.0 * (eps_text - eps_negative) - noise))
+    assert prior.calls == [6]
+    with pytest.raises(ShapekilnError, match="1 negative text conditions for 3 images"):
+        sds_loss(prior, rgb, prior.encode_text(["x"] * 3), guidance_scale=5.0, t=t, negative=TextCondition(torch.zeros(1, 1, 1)))
+
+
 @pytest.mark.parametrize("scale", [1.0, 3.0])
 def test_sds_steps_move_the_image_to_the_guided_mean(scale):
     """E[ε̂ − ε] ∝ x0 − μ for this prior, with μ = μ_∅ + s(μ_c − μ_∅) under guidance s: SDS descends to it."""

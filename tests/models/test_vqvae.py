@@ -8,7 +8,7 @@ import torch
 from shapekiln.config import load_config, to_dict
 from shapekiln.errors import ShapekilnError
 from shapekiln.models.io import load_pretrained
-from shapekiln.models.vqvae import Upsample, VectorQuantizer, VQVAE
+from shapekiln.models.vqvae import Upsample, VectorQuantizer, VQVAE, fold_patches, unfold_patches
 from shapekiln.train.vqvae import VQVAEConfig
 
 
@@ -46,6 +46,31 @@ def test_paper_config_is_sdfusion_sized():
 def test_resolution_must_divide_by_the_downsampling():
     with pytest.raises(ValueError, match="not divisible"):
         VQVAE(resolution=18, base_channels=8, norm_groups=4)
+
+
+def test_folded_patches_unfold_back_and_keep_each_block_in_one_cell():
+    x = torch.arange(2 * 3 * 8**3, dtype=torch.float32).reshape(2, 3, 8, 8, 8)
+    folded = fold_patches(x, 2)
+    assert folded.shape == (2, 24, 4, 4, 4)
+    torch.testing.assert_close(unfold_patches(folded, 2), x, rtol=0, atol=0)
+    # cell (1, 2, 3) holds exactly the voxels of block [2:4, 4:6, 6:8], channel by channel
+    block = x[:, :, 2:4, 4:6, 6:8].reshape(2, 3, 8)
+    torch.testing.assert_close(folded[:, :, 1, 2, 3].reshape(2, 3, 8), block, rtol=0, atol=0)
+
+
+def test_a_patch_model_folds_2_cubed_voxels_before_its_levels():
+    """patch_size 2 with two levels: 32³ → 8³ like three levels without patches, and no conv at 32³."""
+    torch.manual_seed(0)
+    model = VQVAE(resolution=32, base_channels=8, channel_mult=(2, 4), norm_groups=4, upsample="transpose", patch_size=2)
+    assert model.latent_resolution == 8 and model.latent_shape == (3, 8, 8, 8)
+    assert model.encoder.conv_in.in_channels == 8 and model.decoder.conv_out.out_channels == 8
+    tsdf = 0.2 * torch.tanh(torch.randn(2, 1, 32, 32, 32))
+    output = model(tsdf)
+    assert output.latent.shape == (2, 3, 8, 8, 8) and output.reconstruction.shape == tsdf.shape
+    with pytest.raises(ValueError, match="not divisible by 8"):
+        VQVAE(resolution=36, base_channels=8, channel_mult=(2, 4), norm_groups=4, patch_size=4)
+    with pytest.raises(ValueError, match="patch_size must be at least 1"):
+        VQVAE(resolution=32, base_channels=8, norm_groups=4, patch_size=0)
 
 
 def test_transposed_upsampling_writes_each_voxel_its_own_block():

@@ -41,7 +41,7 @@ def inputs(tmp_path_factory):
 def test_refine_writes_meshes_grid_preview_and_a_loss_curve(priors, inputs, tmp_path):
     out = tmp_path / "out"
     result = shapekiln("refine", inputs / "ball.obj", "--text", "a red ball", "--prior", priors / "text", "--steps", 2,
-                       "--resolution", 16, "--out", out, "--no-progress")
+                       "--negative-text", "a blue ball", "--resolution", 16, "--out", out, "--no-progress")
     assert "refine: 2 steps" in result.stdout
     names = sorted(p.name for p in out.iterdir())
     assert names == ["logs", "preview.png", "refined.glb", "refined.npy", "refined.obj", "refined.ply", "refined_colors.npy"]
@@ -81,6 +81,7 @@ def test_nan_gradients_stop_with_one_line_and_keep_the_last_finite_state(priors,
     ("sd-missing-parts", "unet"),
     ("no-prior", "--prior"),
     ("zero-steps", "--steps"),
+    ("empty-negative", "--negative-text"),
 ])
 def test_bad_refine_inputs_are_one_line_and_write_nothing(case, match, priors, inputs, tmp_path):
     out = tmp_path / "out"
@@ -92,6 +93,7 @@ def test_bad_refine_inputs_are_one_line_and_write_nothing(case, match, priors, i
         "sd-missing-parts": [inputs / "ball.npy", "--prior", priors / "sd"],
         "no-prior": [inputs / "ball.npy"],
         "zero-steps": [inputs / "ball.npy", "--prior", priors / "text", "--steps", 0],
+        "empty-negative": [inputs / "ball.npy", "--prior", priors / "text", "--negative-text", " "],
     }[case]
     line = one_error_line(shapekiln("refine", *args, "--text", "a ball", "--out", out, "--no-progress", check=False))
     assert match in line

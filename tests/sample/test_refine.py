@@ -137,6 +137,19 @@ def test_nan_gradients_stop_the_run_and_keep_the_last_finite_state():
     assert np.array_equal(stopped.tsdf, three.tsdf)
 
 
+def test_a_negative_prompt_replaces_the_empty_text_of_guidance():
+    """With the prompt itself as the negative, ε̂ = ε(c) + s·(ε(c) − ε(c)) = ε(c): the run equals guidance 1."""
+    prior = GaussianImagePrior(render_of(sphere(0.6), 16))
+    config = dict(FAST, guidance=5.0)
+    same = refine(sphere(0.3), prior, "a big ball", RefineConfig(steps=5, **config), tau=TAU, progress=False, negative="a big ball")
+    conditional = refine(sphere(0.3), prior, "a big ball", RefineConfig(steps=5, **FAST), tau=TAU, progress=False)
+    guided = refine(sphere(0.3), prior, "a big ball", RefineConfig(steps=5, **config), tau=TAU, progress=False)
+    np.testing.assert_allclose(same.tsdf, conditional.tsdf, atol=1e-6)
+    assert np.abs(guided.tsdf - conditional.tsdf).max() > 1e-3
+    with pytest.raises(ShapekilnError, match="negative prompt needs a prompt"):
+        refine(sphere(0.3), prior, None, RefineConfig(steps=1, **FAST), progress=False, negative="a small ball")
+
+
 def test_bad_inputs_are_one_clear_error(tmp_path):
     prior = GaussianImagePrior(render_of(sphere(0.6), 16), text_conditioned=False)
     with pytest.raises(ShapekilnError, match="trained without text"):

@@ -32,7 +32,11 @@ def test_a_run_leaves_checkpoints_logs_with_images_and_a_prior_that_loads(traine
     accumulator = EventAccumulator(str(events))
     accumulator.Reload()
     assert "samples/preview" in accumulator.Tags()["images"]
-    assert {"loss", "loss/noise", "loss/view_head"} <= set(accumulator.Tags()["scalars"])  # the tiny config has a view head
+    assert {"loss", "loss/noise", "loss/view_head", "lr/head"} <= set(accumulator.Tags()["scalars"])  # the tiny config has a view head
+    rates = {tag: [event.value for event in accumulator.Scalars(tag)] for tag in ("lr", "lr/head")}
+    config = yaml.safe_load((trained / "config.yaml").read_text())
+    ratio = config["conditioning"]["view_head_lr"] / config["train"]["lr"]  # the head's own rate, on the same schedule
+    assert ratio != 1.0 and rates["lr/head"] == pytest.approx([ratio * rate for rate in rates["lr"]])
     preview = accumulator.Images("samples/preview")[-1]
     assert (preview.height, preview.width) == (2 * 64, 2 * 64)  # 2 prompts × 2 azimuths of the tiny config
 
@@ -52,7 +56,7 @@ def test_a_run_leaves_checkpoints_logs_with_images_and_a_prior_that_loads(traine
 def test_the_cli_trains_a_text_less_prior_on_random_backgrounds(data, trained, tmp_path):
     config = yaml.safe_load((trained / "config.yaml").read_text())
     config["model"]["text"], config["model"]["camera"], config["conditioning"]["background"] = None, False, "random"
-    config["model"]["view_head"] = False  # a view head reads the text
+    config["model"]["view_head"], config["conditioning"]["view_head_lr"] = False, None  # a view head reads the text
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     shapekiln("train", "view-prior", "--config", tmp_path / "config.yaml", "--data", data, "--output-dir", tmp_path / "out",
               "--max-steps", 2, "--no-progress")
@@ -79,6 +83,7 @@ def strip_views(data, out):
         ("missing_key", "missing key 'camera'"),
         ("wrong_text", "key 'text': expected one of ['minilm']"),
         ("head_without_text", "view_head reads the text"),
+        ("head_lr_without_head", "view_head_lr is set but model.view_head is false"),
     ],
 )
 def test_a_bad_config_is_one_line_and_exit_2(setup, expected, trained, tmp_path, capsys):
@@ -94,6 +99,8 @@ def test_a_bad_config_is_one_line_and_exit_2(setup, expected, trained, tmp_path,
         config["model"]["text"] = "bert"
     elif setup == "head_without_text":
         config["model"]["text"] = None
+    elif setup == "head_lr_without_head":
+        config["model"]["view_head"] = False
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     assert main(["--config", str(tmp_path / "config.yaml"), "--output-dir", str(tmp_path / "out"), "--no-progress"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
