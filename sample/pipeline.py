@@ -152,11 +152,12 @@ class ShapePipeline:
     def sampler(self, name: str) -> Any:
         """A fresh diffusers scheduler of the named kind, on this pipeline's training noise schedule."""
         # No clipping of the predicted clean latent: the latents are unit-variance, not images in [-1, 1].
+        # Both ODE samplers take "trailing" steps: they start at the last training timestep, where the sampler's pure
+        # noise belongs. The training schedule's "leading" starts 50 DDIM steps at t = 980 and 20 DPM-Solver++ steps at
+        # t = 940; with DDIM leading, learned completions' UHD was 4% above DPM++-20's, with both trailing 0.8% (README).
         if name == "ddim":
-            return DDIMScheduler.from_config(self.scheduler.config, clip_sample=False)
+            return DDIMScheduler.from_config(self.scheduler.config, clip_sample=False, timestep_spacing="trailing")
         if name == "dpm++":
-            # "trailing" steps start at the last training timestep, where the sampler's pure noise belongs; the training
-            # schedule's "leading" starts 20 steps at t = 940 and left inpainted completions 2.8% less diverse than DDIM-50's.
             return DPMSolverMultistepScheduler.from_config(self.scheduler.config, algorithm_type="dpmsolver++", thresholding=False,
                                                            timestep_spacing="trailing")
         if name == "ddpm":
@@ -189,6 +190,7 @@ class ShapePipeline:
         batched_guidance: bool = True,
         progress: bool = True,
         refine: Any = None,
+        negative_text: str | None = None,
     ) -> ShapeOutput:
         """Sample `num_samples` shapes for one set of conditions.
 
@@ -198,6 +200,8 @@ class ShapePipeline:
         as a condition; "inpaint" is SDFusion's training-free completion (known latent cells are kept,
         noised to each step's level, and only the rest is diffused). refine: a RefineConfig that
         replaces the pipeline's own (SDS toward `text` after sampling; see sample/refine.py).
+        negative_text: a prompt the refinement's guidance pushes away from in place of the empty text
+        (diffusers' negative_prompt; say, what the shapes are now); needs `text` and a refinement.
         """
         steps = self.config.steps if steps is None else steps
         if steps < 1:
@@ -206,6 +210,9 @@ class ShapePipeline:
             raise ShapekilnError(f"the number of samples must be at least 1, got {num_samples}")
         if completion not in ("learned", "inpaint"):
             raise ShapekilnError(f"completion must be 'learned' or 'inpaint', got {completion!r}")
+        refine = refine if refine is not None else self.refine
+        if negative_text is not None and (refine is None or text is None or not negative_text.strip()):
+            raise ShapekilnError("a negative prompt steers the refinement: it needs a refinement, a text prompt, and must not be empty")
         given = {"text": text is not None, "image": image is not None, "partial": partial is not None and completion == "learned"}
         weights = self._guidance_weights(given, guidance)
         conditions = self._conditions(text, image, partial, known_mask, num_samples)
@@ -234,12 +241,12 @@ class ShapePipeline:
         latent = self.denormalize(latent)
         tsdf = self.decode(latent)  # (N, 1, R, R, R)
         shapes = [Shape(grid[0].float().cpu().numpy(), self.config.mc_level) for grid in tsdf]
-        refine = refine if refine is not None else self.refine
         if refine is not None:
-            shapes = self._refined(shapes, latent, text, refine, progress)
+            shapes = self._refined(shapes, latent, text, refine, progress, negative_text)
         return ShapeOutput(shapes=shapes, latents=latent.cpu())
 
-    def _refined(self, shapes: list[Shape], latents: torch.Tensor, text: str | None, config: Any, progress: bool) -> list[Shape]:
+    def _refined(self, shapes: list[Shape], latents: torch.Tensor, text: str | None, config: Any, progress: bool,
+                 negative: str | None = None) -> list[Shape]:
         """Each sample refined by SDS, starting from its own latent (or its grid, for config.target "grid")."""
         from shapekiln.models.priors import DiffusionPrior, load_prior
         from shapekiln.sample.refine import refine
@@ -253,7 +260,7 @@ class ShapePipeline:
         with torch.enable_grad():
             for shape, latent in zip(shapes, latents):
                 result = refine(shape.tsdf, self.prior, text, config, tau=self.config.tau, vqvae=self.vqvae, latent=latent.cpu(),
-                                progress=progress)
+                                progress=progress, negative=negative)
                 refined.append(Shape(result.tsdf, shape.level, colors=result.colors, unrefined=shape.tsdf, refine_stopped=result.stopped))
         return refined
 

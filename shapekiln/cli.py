@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--w-text", type=float, help="text guidance weight (default: the pipeline's, 3)")
     sample.add_argument("--w-image", type=float, help="image guidance weight")
     sample.add_argument("--refine-steps", type=int, default=0, help="then refine each shape toward --text with this many SDS steps (default 0: no refinement)")
+    sample.add_argument("--negative-text", help="with --refine-steps: a prompt the refinement moves away from, in place of the empty text")
     sample.add_argument("--prior", type=Path, help="2D prior for --refine-steps: a view-prior folder or a local Stable Diffusion folder (default: CKPT/view_prior)")
     _add_sampling_options(sample)
     sample.set_defaults(run=_run_sample)
@@ -171,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument("--out", type=Path, default=Path("runs/quickstart"), help="default runs/quickstart")
     quick.add_argument("--count", type=int, default=1000, help="synthetic shapes (default 1000)")
     quick.add_argument("--workers", type=int, default=2, help="prep processes (default 2)")
-    quick.add_argument("--vqvae-steps", type=int, default=800, help="VQ-VAE training steps (default 800)")
+    quick.add_argument("--vqvae-steps", type=int, default=1600, help="VQ-VAE training steps (default 1600)")
     quick.add_argument("--ldm-steps", type=int, help="diffusion training steps (default: configs/ldm/small.yaml, 800)")
     quick.add_argument("--samples", type=int, default=4, help="shapes per prompt (default 4)")
     quick.add_argument("--no-progress", action="store_true")
@@ -352,6 +353,8 @@ def _run_sample(args: argparse.Namespace) -> int:
 
     if args.refine_steps < 0:
         raise ShapekilnError(f"--refine-steps must not be negative, got {args.refine_steps}")
+    if args.negative_text is not None and (not args.refine_steps or args.text is None or not args.negative_text.strip()):
+        raise ShapekilnError("--negative-text steers the refinement: it needs --refine-steps and --text, and must not be empty")
     refine = None
     if args.refine_steps:
         from shapekiln.sample.refine import RefineConfig
@@ -361,7 +364,8 @@ def _run_sample(args: argparse.Namespace) -> int:
     image = load_image(args.image) if args.image is not None else None  # a bad image fails before the model loads
     pipeline = ShapePipeline.from_pretrained(args.ckpt, device=_device(args), refine=refine, prior=args.prior)
     output = pipeline(text=args.text, image=image, guidance=_guidance(args, "text", "image"), num_samples=args.n,
-                      steps=args.steps, scheduler=args.scheduler, seed=args.seed, progress=not args.no_progress)
+                      steps=args.steps, scheduler=args.scheduler, seed=args.seed, progress=not args.no_progress,
+                      negative_text=args.negative_text)
     condition = {"text": args.text, "image": _image_array(image)}
     written = write_samples([s.mesh for s in output.shapes], [s.tsdf for s in output.shapes], args.out, condition, formats)
     print(f"sample: {len(output.shapes)} shapes → {args.out} (preview: {args.out / 'preview.png'}, {len(written)} files)")

@@ -27,7 +27,7 @@ PROMPTS = (
 )
 
 
-def quickstart(out: Path, count: int = 1000, workers: int = 2, vqvae_steps: int | None = 800, ldm_steps: int | None = None,
+def quickstart(out: Path, count: int = 1000, workers: int = 2, vqvae_steps: int | None = 1600, ldm_steps: int | None = None,
                prompts: Sequence[str] = PROMPTS, samples_per_prompt: int = 4, progress: bool = True) -> Path:
     """Run every stage into `out`; returns the path of the overview PNG."""
     from shapekiln.data_prep.latents import encode_shards

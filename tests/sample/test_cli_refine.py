@@ -64,6 +64,34 @@ def test_sample_with_refine_steps_refines_every_shape(priors, pipeline_dir, tmp_
     assert "2 shapes" in result.stdout and (out / "sample_1.npy").is_file() and (out / "preview.png").is_file()
 
 
+def test_sample_passes_a_negative_prompt_to_its_refinement(priors, pipeline_dir, tmp_path):
+    """With the prompt as its own negative, guided ε̂ = ε(n) + s·(ε(c) − ε(n)) = ε(c) whatever s: runs at guidance 20 and 5
+    agree, while without it they differ. (Guidance 1 itself takes a one-branch shortcut, whose rounding differs.)"""
+    from shapekiln.sample.pipeline import ShapePipeline
+    from shapekiln.sample.refine import RefineConfig
+
+    def refined(guidance, negative=None):
+        pipeline = ShapePipeline.from_pretrained(pipeline_dir, refine=RefineConfig(steps=2, guidance=guidance), prior=priors / "text")
+        output = pipeline(text="a tall table", num_samples=1, steps=2, seed=3, progress=False, negative_text=negative)
+        return output.shapes[0].tsdf
+
+    assert np.allclose(refined(20.0, negative="a tall table"), refined(5.0, negative="a tall table"), atol=1e-6)
+    assert np.abs(refined(20.0) - refined(5.0)).max() > 1e-3
+    out = tmp_path / "out"
+    result = shapekiln("sample", "--ckpt", pipeline_dir, "--text", "a tall table", "--negative-text", "a short table", "--n", 1,
+                       "--steps", 2, "--refine-steps", 1, "--prior", priors / "text", "--out", out, "--no-progress")
+    assert "1 shapes" in result.stdout and (out / "sample_0.npy").is_file()
+
+
+@pytest.mark.parametrize("extra", [[], ["--refine-steps", 1, "--negative-text", " "]], ids=["without-refine-steps", "empty"])
+def test_a_negative_prompt_without_refinement_is_one_line(extra, priors, pipeline_dir, tmp_path):
+    out = tmp_path / "out"
+    args = extra or ["--negative-text", "a short table"]
+    line = one_error_line(shapekiln("sample", "--ckpt", pipeline_dir, "--text", "a tall table", *args, "--prior", priors / "text",
+                                    "--out", out, "--no-progress", check=False))
+    assert "--negative-text" in line and not out.exists()
+
+
 def test_nan_gradients_stop_with_one_line_and_keep_the_last_finite_state(priors, inputs, tmp_path):
     out = tmp_path / "out"
     line = one_error_line(shapekiln("refine", inputs / "ball.npy", "--text", "a ball", "--prior", priors / "nan", "--steps", 3,

@@ -75,12 +75,15 @@ def test_samplers_do_not_clip_unit_variance_latents(pipeline):
     assert pipeline.sampler("dpm++").config.thresholding is False
 
 
-def test_dpm_solver_starts_from_the_last_training_timestep(pipeline):
-    """The sampler starts from pure noise, which belongs at the last training timestep; with the training schedule's
-    "leading" spacing, 20 DPM-Solver++ steps would start at t = 940."""
-    sampler = pipeline.sampler("dpm++")
-    sampler.set_timesteps(20)
-    assert int(sampler.timesteps[0]) == pipeline.scheduler.config.num_train_timesteps - 1
+@pytest.mark.parametrize("name, steps", [("dpm++", 20), ("ddim", 50), ("ddim", 7)])
+def test_ode_samplers_start_from_the_last_training_timestep(pipeline, name, steps):
+    """The samplers start from pure noise, which belongs at the last training timestep; with the training schedule's
+    "leading" spacing, 20 DPM-Solver++ steps would start at t = 940 and 50 DDIM steps at t = 980."""
+    sampler = pipeline.sampler(name)
+    sampler.set_timesteps(steps)
+    timesteps = [int(t) for t in sampler.timesteps]
+    assert timesteps[0] == pipeline.scheduler.config.num_train_timesteps - 1
+    assert len(timesteps) == steps and timesteps == sorted(set(timesteps), reverse=True)
 
 
 def test_same_seed_same_shapes_other_seed_other_shapes(pipeline):
