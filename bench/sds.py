@@ -96,8 +96,10 @@ def main() -> None:
     if not (prior_dir / "view_prior.json").is_file() and not (prior_dir / "model_index.json").is_file():
         prior_dir = train_prior(args.data, args.out / "view_prior", args.prior_minutes)
     prior = load_prior(prior_dir)
-    config = RefineConfig(steps=args.steps, guidance=args.guidance, anchor_weight=args.anchor, lr=args.lr, color=not args.no_color,
-                          views_per_step=args.views, seed=args.seed, shadings=RefineConfig.shadings_for(not args.no_color))
+    # --vqvae: the latent is what is optimized (before this, the flag loaded the VQ-VAE but refined a grid).
+    config = RefineConfig(steps=args.steps, target="latent" if args.vqvae else "grid", guidance=args.guidance, anchor_weight=args.anchor,
+                          lr=args.lr, color=not args.no_color, views_per_step=args.views, seed=args.seed,
+                          shadings=RefineConfig.shadings_for(not args.no_color))
     vqvae = load_pretrained(VQVAE, args.vqvae).eval() if args.vqvae else None
 
     rows, everything = [], {"before": [], "after": [], "chamfer": [], "seconds_per_step": [], "minutes": []}
