@@ -90,19 +90,22 @@ def random_known_mask(resolution: int, rng: np.random.Generator, kinds: Sequence
     (or only that octant); box: all but a random axis-aligned box.
     """
     axis = -1.0 + (np.arange(resolution) + 0.5) * (2.0 / resolution)
-    points = np.stack(np.meshgrid(axis, axis, axis, indexing="ij"), axis=-1)  # (R, R, R, 3)
+    # Each kind is a product of per-axis conditions: tested on the three 1-D axes and broadcast, not on an
+    # (R, R, R, 3) grid of points (at 64³ that grid made this the data loader's largest cost).
+    along = [axis[:, None, None], axis[None, :, None], axis[None, None, :]]
     for _ in range(100):
         kind = kinds[rng.integers(len(kinds))]
         if kind == "half":
             dim, side, cut = rng.integers(3), rng.choice([-1.0, 1.0]), rng.uniform(-0.3, 0.3)
-            known = side * (points[..., dim] - cut) > 0
+            known = np.broadcast_to(side * (along[dim] - cut) > 0, (resolution,) * 3).copy()
         elif kind == "octant":
             center, signs = rng.uniform(-0.2, 0.2, size=3), rng.choice([-1.0, 1.0], size=3)
-            octant = ((points - center) * signs > 0).all(axis=-1)
+            octant = ((along[0] - center[0]) * signs[0] > 0) & ((along[1] - center[1]) * signs[1] > 0) & ((along[2] - center[2]) * signs[2] > 0)
             known = octant if rng.random() < 0.5 else ~octant
         elif kind == "box":
             center, half_size = rng.uniform(-0.5, 0.5, size=3), rng.uniform(0.15, 0.6, size=3)
-            known = ~(np.abs(points - center) < half_size).all(axis=-1)
+            known = ~((np.abs(along[0] - center[0]) < half_size[0]) & (np.abs(along[1] - center[1]) < half_size[1])
+                      & (np.abs(along[2] - center[2]) < half_size[2]))
         else:
             raise ShapekilnError(f"unknown partial-shape kind {kind!r} (choose from half, octant, box)")
         if known.any() and not known.all():

@@ -172,7 +172,7 @@ class Run:
             train.lr_schedule, optimizer, num_warmup_steps=train.warmup_steps * processes,
             num_training_steps=train.max_steps * processes,
         )
-        self.ema = EMAModel(model.parameters(), decay=train.ema_decay)
+        self.ema = EMAModel(model.parameters(), decay=train.ema_decay, foreach=True)  # one fused update, not a Python loop over tensors
         model, optimizer, scheduler = self.accelerator.prepare(model, optimizer, scheduler)
         self.ema.to(self.device)
         self.accelerator.register_for_checkpointing(self.state, self.ema)
@@ -228,8 +228,11 @@ class Run:
     def _out_of_time(self) -> bool:
         if self.time_limit is None:
             return False
-        over = torch.tensor([time.perf_counter() - self._started > self.time_limit], dtype=torch.float32, device=self.device)
-        return bool(self.accelerator.reduce(over, reduction="sum").item() > 0) if self.accelerator.num_processes > 1 else bool(over.item())
+        over = time.perf_counter() - self._started > self.time_limit
+        if self.accelerator.num_processes == 1:
+            return over  # no device tensor: one process needs no agreement, and its steps need no synchronization
+        flag = torch.tensor([over], dtype=torch.float32, device=self.device)
+        return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
 
     def update(self, loss: torch.Tensor, model: torch.nn.Module, optimizer: Any, scheduler: Any) -> None:
         """One micro-step inside `accelerator.accumulate(model)`: check the loss, backpropagate,
@@ -253,11 +256,16 @@ class Run:
                 f"{kept}. Lower train.lr or raise train.warmup_steps, then --resume latest"
             )
 
-    def log(self, values: dict[str, float], samples_per_step: int) -> None:
-        """Scalars to TensorBoard every log_every steps, and the progress bar's postfix."""
+    def log(self, values: dict[str, float | torch.Tensor], samples_per_step: int) -> None:
+        """Scalars to TensorBoard every log_every steps, and the progress bar's postfix.
+
+        Values may be 0-d tensors: they are read (a host-device synchronization each) only on the
+        steps that log, so the steps between queue their work without waiting for the accelerator.
+        """
         step = self.state.step
         if step % self.train.log_every and step != self.train.max_steps - 1:
             return
+        values = {key: float(value) for key, value in values.items()}
         elapsed = time.perf_counter() - self._started
         rate = (step + 1 - self._started_step) / elapsed if elapsed > 0 else 0.0
         values = {**values, "steps_per_second": rate, "samples_per_second": rate * samples_per_step}

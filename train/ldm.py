@@ -217,7 +217,7 @@ def train(config: LDMConfig, resume: str | None = None, progress: bool = True,
             if "text" in modalities:
                 conditions.text = batch["caption"]
             if "image" in modalities:
-                conditions.image = rgba_to_rgb(batch["views"][:, 0]).to(run.device)  # the reader drew one view per shape
+                conditions.image = rgba_to_rgb(batch["views"][:, 0].to(run.device))  # the reader drew one view per shape
             if "partial" in modalities:
                 conditions.partial = partial_conditions(vqvae, batch, conditions.drop["partial"], mean, std, run.device)
             noise = torch.randn_like(latent)
@@ -234,8 +234,8 @@ def train(config: LDMConfig, resume: str | None = None, progress: bool = True,
                 run.update(loss, model, optimizer, scheduler)
         run.ema.step(model.parameters())
         rates = scheduler.get_last_lr()  # one per parameter group: the rest, then the heads when they have their own
-        run.log({"loss": loss.item(), "lr": rates[0], **({"lr/heads": rates[1]} if len(rates) > 1 else {}),
-                 **{k: v.item() for k, v in logs.items()}}, samples_per_step)
+        run.log({"loss": loss.detach(), "lr": rates[0], **({"lr/heads": rates[1]} if len(rates) > 1 else {}),
+                 **{k: v.detach() for k, v in logs.items()}}, samples_per_step)
         if run.wants_images() and "text" in modalities:
             pipeline = make_pipeline(accelerator.unwrap_model(model), vqvae, noise_schedule, mean, std, config)
             run.log_image("samples/preview", preview_strip(pipeline, config.sampling))

@@ -184,9 +184,9 @@ def train(config: ViewPriorConfig, resume: str | None = None, progress: bool = T
                 run.update(loss, model, optimizer, scheduler)
         run.ema.step(model.parameters())
         rates = scheduler.get_last_lr()
-        logged = {"loss": loss.item(), "loss/noise": noise_loss.item(), "lr": rates[0], **({"lr/head": rates[1]} if len(rates) > 1 else {})}
+        logged = {"loss": loss.detach(), "loss/noise": noise_loss.detach(), "lr": rates[0], **({"lr/head": rates[1]} if len(rates) > 1 else {})}
         if head_loss is not None:
-            logged["loss/view_head"] = head_loss.item()
+            logged["loss/view_head"] = head_loss.detach()
         run.log(logged, samples_per_step)
         if run.wants_images():
             run.log_image("samples/preview", preview_grid(prior, config.sampling))

@@ -89,8 +89,8 @@ def train(config: VQVAEConfig, resume: str | None = None, progress: bool = True,
         run.ema.step(model.parameters())
         run.log(
             {
-                "loss": loss.item(), "l1": l1.item(), "commitment": output.commitment_loss.item(),
-                "codebook_perplexity": float(output.perplexity), "codebook_usage": float(output.usage),
+                "loss": loss.detach(), "l1": l1.detach(), "commitment": output.commitment_loss.detach(),
+                "codebook_perplexity": output.perplexity, "codebook_usage": output.usage,
                 "lr": scheduler.get_last_lr()[0],
             },
             samples_per_step,

@@ -145,6 +145,15 @@ def test_box_masks_hide_one_box_and_octants_are_octants():
         assert (np.isclose(low, -edge) ^ np.isclose(high, edge)).all()
 
 
+def test_masks_are_whole_writable_arrays_and_an_unknown_kind_is_refused():
+    rng = np.random.default_rng(2)
+    for kind in ("half", "octant", "box"):
+        known = random_known_mask(16, rng, [kind])
+        assert known.shape == (16, 16, 16) and known.dtype == bool and known.flags.c_contiguous and known.flags.writeable
+    with pytest.raises(ShapekilnError, match="unknown partial-shape kind 'cone'"):
+        random_known_mask(16, rng, ["cone"])
+
+
 def test_collate_keeps_strings_as_lists():
     batch = collate([{"id": "a", "tsdf": torch.zeros(1, 2, 2, 2)}, {"id": "b", "tsdf": torch.ones(1, 2, 2, 2)}])
     assert batch["id"] == ["a", "b"] and batch["tsdf"].shape == (2, 1, 2, 2, 2)
