@@ -49,12 +49,14 @@ class EncodeSummary:
 
 @torch.no_grad()
 def encode_shards(vqvae_dir: str | Path, data: str | Path, out: str | Path, batch_size: int = 16,
-                  progress: bool = True) -> EncodeSummary:
-    """Encode every shard of the prepared directory `data` into `out` (same shard names)."""
+                  progress: bool = True, device: str | torch.device | None = None) -> EncodeSummary:
+    """Encode every shard of the prepared directory `data` into `out` (same shard names), on `device`
+    (default: cuda when available, else the CPU)."""
     vqvae_dir, data, out = Path(vqvae_dir), Path(data), Path(out)
     if batch_size < 1:
         raise ShapekilnError(f"--batch-size must be at least 1, got {batch_size}")
-    model = load_pretrained(VQVAE, vqvae_dir).eval()
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_pretrained(VQVAE, vqvae_dir).eval().to(device)
     source = _read_manifest(data)
     check_dataset(data, model.config.resolution, model.config.tau)
     shards = sorted(path for split in SPLITS for path in data.glob(f"{split}-*.tar"))
@@ -117,7 +119,7 @@ def _encode_shard(model: VQVAE, shard: Path, out: Path, batch_size: int) -> int:
             try:
                 for samples in _batched(wds.DataPipeline(wds.SimpleShardList([str(shard)]), wds.tarfile_to_samples()), batch_size):
                     tsdf = torch.stack([_tsdf(sample) for sample in samples])[:, None]  # (B, 1, R, R, R)
-                    latents = model.encode(tsdf).numpy()  # (B, C, r, r, r)
+                    latents = model.encode(tsdf.to(model.device)).cpu().numpy()  # (B, C, r, r, r)
                     for sample, latent in zip(samples, latents):
                         writer.write({**sample, "latent.npy": npy_bytes(latent.astype(np.float32))})
                     count += len(samples)

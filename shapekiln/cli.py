@@ -165,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--data", type=Path, required=True, help="prepared shard directory")
     encode.add_argument("--out", type=Path, required=True, help="directory for the latent shards")
     encode.add_argument("--batch-size", type=int, default=16)
+    encode.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     encode.add_argument("--no-progress", action="store_true")
     encode.set_defaults(run=_run_encode)
 
@@ -488,7 +489,7 @@ def _run_encode(args: argparse.Namespace) -> int:
         raise ShapekilnError(f"--batch-size must be at least 1, got {args.batch_size}")
     from shapekiln.data_prep.latents import encode_shards
 
-    summary = encode_shards(args.vqvae, args.data, args.out, args.batch_size, progress=not args.no_progress)
+    summary = encode_shards(args.vqvae, args.data, args.out, args.batch_size, progress=not args.no_progress, device=_device(args))
     print(summary.line(args.out))
     return 0
 
