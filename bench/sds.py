@@ -74,9 +74,9 @@ def main() -> None:
     parser.add_argument("--prior-minutes", type=float, default=10.0)
     parser.add_argument("--classifier", type=Path, help="attribute classifier folder (default: train one into OUT/classifier)")
     parser.add_argument("--count", type=int, default=4, help="shapes per case")
-    parser.add_argument("--steps", type=int, default=600, help="refinement steps per shape")
+    parser.add_argument("--steps", type=int, default=RefineConfig.steps, help="refinement steps per shape")
     parser.add_argument("--guidance", type=float, default=RefineConfig.guidance)
-    parser.add_argument("--anchor", type=float, default=RefineConfig.anchor_weight)
+    parser.add_argument("--anchor", type=float, help="default 0.03 for a latent (--vqvae), 0.3 for a grid")
     parser.add_argument("--lr", type=float)
     parser.add_argument("--views", type=int, default=RefineConfig.views_per_step, help="random views per step")
     parser.add_argument("--vqvae", type=Path, help="optimize the shapes' latents under this VQ-VAE (default: a residual grid)")
@@ -96,7 +96,7 @@ def main() -> None:
     if not (prior_dir / "view_prior.json").is_file() and not (prior_dir / "model_index.json").is_file():
         prior_dir = train_prior(args.data, args.out / "view_prior", args.prior_minutes)
     prior = load_prior(prior_dir)
-    # --vqvae: the latent is what is optimized (before this, the flag loaded the VQ-VAE but refined a grid).
+    # --vqvae: the latent is what is optimized (RefineConfig's "auto" target), as `shapekiln refine --ckpt` does.
     config = RefineConfig(steps=args.steps, target="latent" if args.vqvae else "grid", guidance=args.guidance, anchor_weight=args.anchor,
                           lr=args.lr, color=not args.no_color, views_per_step=args.views, seed=args.seed,
                           shadings=RefineConfig.shadings_for(not args.no_color))
@@ -128,7 +128,7 @@ def main() -> None:
         everything["chamfer"] += chamfers
 
     print(f"\nSDS refinement of {'the latent' if vqvae is not None else 'a residual grid'}{'' if args.no_color else ' and albedo'}, "
-          f"prior {prior_dir}, {args.steps} steps, {args.views} views/step, guidance {args.guidance}, anchor {args.anchor}; "
+          f"prior {prior_dir}, {args.steps} steps, {args.views} views/step, guidance {args.guidance}, anchor {config.resolved(config.target).anchor_weight:g}; "
           f"{torch.get_num_threads()} threads")
     print(f"{'case':34} {'n':>3} {'acc before':>11} {'acc after':>10} {'Δ points':>9} {'CD-L1 change':>13}")
     for name, n, before, after, chamfer in rows + [("all", len(everything["before"]), np.mean(everything["before"]),

@@ -8,6 +8,8 @@ renderer, into what is optimized:
     target "grid"    a residual added to the starting TSDF grid (any input: a mesh, a grid, a sample)
     target "latent"  the shape's VQ-VAE latent, decoded by the frozen decoder (stays on the shape
                      manifold the diffusion model was trained on; needs the VQ-VAE)
+    target "auto"    (the default) the latent when a VQ-VAE of the grid's size is given, else the grid:
+                     only the latent moved the synthetic set's attributes (README, bench/sds.py)
 
 and, with `color=True`, an RGB albedo grid (written as vertex colors). Regularizers keep the result
 a clean distance field close to where it started: the squared distance to the starting TSDF
@@ -24,7 +26,7 @@ from __future__ import annotations
 import math
 import textwrap
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -49,8 +51,8 @@ SHADINGS = ("shaded", "textureless", "albedo")
 class RefineConfig:
     """What `refine` optimizes and how; the defaults suit the small view prior on a 32³ grid."""
 
-    steps: int = 200
-    target: Literal["grid", "latent"] = "grid"  # latent needs the VQ-VAE; grid is the measured default (README)
+    steps: int = 300
+    target: Literal["auto", "grid", "latent"] = "auto"  # auto: latent when refine() gets a VQ-VAE of the grid's size, else grid
     # Also optimize an albedo grid (exported as vertex colors). On by default: the view prior only ever saw
     # colored objects, and measured here a gray render is what it erases (thin gray parts vanished, colored ones stayed).
     color: bool = True
@@ -67,10 +69,17 @@ class RefineConfig:
     light: Literal["headlight", "random"] = "headlight"  # headlight: the lighting the view prior saw in training
     background: Literal["white", "random"] = "white"
     shadings: tuple[str, ...] = ("shaded", "albedo")  # drawn per step (DreamFusion mixes albedo/shaded/textureless)
-    anchor_weight: float = 0.3  # mean squared change of the TSDF, in units of τ²
+    anchor_weight: float | None = None  # mean squared change of the TSDF, in units of τ²; None: 0.03 for a latent, 0.3 for a grid
     tv_weight: float = 0.1  # mean |∇ residual| (grid target), in units of τ per voxel
     eikonal_weight: float = 0.0  # mean (|∇d| − 1)² over voxels in the band |d| < τ/2
     seed: int = 0
+
+    def resolved(self, target: str) -> RefineConfig:
+        """This config with `target` ("grid" or "latent") and its defaults filled in: lr 0.02 for a latent and
+        0.005 for a grid (τ/40 per step); anchor 0.03 for a latent (the measured setting that flips attributes,
+        bench/sds.py) and 0.3 for a grid, whose residual has no decoder keeping it shape-like."""
+        return replace(self, target=target, lr=self.lr or (0.02 if target == "latent" else 0.005),
+                       anchor_weight=self.anchor_weight if self.anchor_weight is not None else (0.03 if target == "latent" else 0.3))
 
     @staticmethod
     def shadings_for(color: bool) -> tuple[str, ...]:
@@ -80,13 +89,13 @@ class RefineConfig:
     def validate(self) -> None:
         if self.steps < 1 or self.views_per_step < 1 or self.render_size < 8 or self.samples_per_ray < 2:
             raise ShapekilnError("refine: steps and views_per_step must be at least 1, render_size at least 8, samples_per_ray at least 2")
-        if self.target not in ("grid", "latent"):
-            raise ShapekilnError(f"refine: target must be grid or latent, got {self.target!r}")
+        if self.target not in ("auto", "grid", "latent"):
+            raise ShapekilnError(f"refine: target must be auto, grid or latent, got {self.target!r}")
         for name in ("t_start", "t_end"):
             low, high = getattr(self, name)
             if not 0.0 < low <= high < 1.0:
                 raise ShapekilnError(f"refine: {name} must be (low, high) with 0 < low ≤ high < 1, got {(low, high)}")
-        if self.guidance < 0 or min(self.anchor_weight, self.tv_weight, self.eikonal_weight) < 0:
+        if self.guidance < 0 or min(self.anchor_weight or 0.0, self.tv_weight, self.eikonal_weight) < 0:
             raise ShapekilnError("refine: guidance and the regularizer weights must not be negative")
         if (self.lr is not None and self.lr <= 0) or self.color_lr <= 0:
             raise ShapekilnError("refine: learning rates must be positive")
@@ -105,6 +114,7 @@ class RefineResult:
     losses: list[dict[str, float]] = field(default_factory=list)  # per finished step
     stopped: str | None = None  # why the run ended early (non-finite values), None when it ran all steps
     seconds_per_step: float = 0.0
+    config: RefineConfig | None = None  # what ran: the target "auto" chose and the defaults it filled in
 
     @property
     def steps(self) -> int:
@@ -142,10 +152,13 @@ def refine(start: np.ndarray | torch.Tensor, prior: DiffusionPrior, text: str | 
     config.validate()
     start_tsdf = _as_grid(start)
     target = config.target
+    if target == "auto":
+        target = "latent" if vqvae is not None and start_tsdf.shape[0] == vqvae.config.resolution else "grid"
     if target == "latent" and vqvae is None:
         raise ShapekilnError("refine: target 'latent' needs the VQ-VAE (give --vqvae or --ckpt)")
     if target == "latent" and start_tsdf.shape[0] != vqvae.config.resolution:
         raise ShapekilnError(f"refine: the VQ-VAE works on {vqvae.config.resolution}³ grids, the input is {start_tsdf.shape[0]}³")
+    config = config.resolved(target)
     if text is not None and not prior.text_conditioned:
         raise ShapekilnError("this prior was trained without text; refine without a prompt or use a text-conditioned prior")
     if text is not None and not text.strip():
@@ -161,7 +174,7 @@ def refine(start: np.ndarray | torch.Tensor, prior: DiffusionPrior, text: str | 
         text_condition = prior.encode_text([text] * config.views_per_step) if text is not None else prior.empty_text(config.views_per_step)
         negative_condition = prior.encode_text([negative] * config.views_per_step) if negative is not None else None
     parameters, decode = _parameterize(start_tsdf, target, vqvae, latent)
-    groups = [{"params": parameters, "lr": config.lr or (0.02 if target == "latent" else 0.005)}]
+    groups = [{"params": parameters, "lr": config.lr}]
     colors_logit = None
     if config.color:
         colors_logit = torch.full((3, *start_tsdf.shape), math.log(200 / 55), device=device, requires_grad=True)  # sigmoid → 200/255 gray
@@ -214,7 +227,7 @@ def refine(start: np.ndarray | torch.Tensor, prior: DiffusionPrior, text: str | 
     with torch.no_grad():
         result = RefineResult(tsdf=decode().clamp(-tau, tau).float().cpu().numpy(), start=start_tsdf.cpu().numpy(),
                               colors=torch.sigmoid(colors_logit).cpu().numpy() if colors_logit is not None else None,
-                              losses=losses, stopped=stopped, seconds_per_step=seconds_per_step)
+                              losses=losses, stopped=stopped, seconds_per_step=seconds_per_step, config=config)
     if writer is not None:
         sheet = before_after_sheet(tsdf_to_mesh(result.start), result.mesh(), text, cell=160)
         writer.add_image("refine/before_after", np.asarray(sheet), result.steps, dataformats="HWC")

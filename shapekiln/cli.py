@@ -84,15 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
     refine.add_argument("--text", help="the prompt (without it: unconditional SDS)")
     refine.add_argument("--negative-text", help="a prompt to move away from, in place of the empty text (say, what the shape is now)")
     refine.add_argument("--prior", type=Path, help="a view-prior folder (`train view-prior`) or a local Stable Diffusion folder (default: CKPT/view_prior)")
-    refine.add_argument("--steps", type=int, default=200, help="SDS steps (default 200)")
+    refine.add_argument("--steps", type=int, default=300, help="SDS steps (default 300)")
     refine.add_argument("--ckpt", type=Path, help="a pipeline folder: its VQ-VAE for --target latent, its view_prior/ when --prior is not given")
     refine.add_argument("--vqvae", type=Path, help="a VQ-VAE folder for --target latent")
-    refine.add_argument("--target", choices=["grid", "latent"], default="grid", help="optimize a residual TSDF grid (default) or the shape's VQ-VAE latent")
+    refine.add_argument("--target", choices=["grid", "latent"], help="optimize the shape's VQ-VAE latent (the default when --ckpt or --vqvae gives a VQ-VAE) or a residual TSDF grid (the default without one)")
     refine.add_argument("--no-color", action="store_true", help="optimize the shape only (default: also an albedo grid, written as vertex colors)")
     refine.add_argument("--guidance", type=float, help="classifier-free guidance weight (default 20)")
     refine.add_argument("--lr", type=float, help="learning rate (default 0.005 for a grid, 0.02 for a latent)")
     refine.add_argument("--views", type=int, help="random views per step (default 2)")
-    refine.add_argument("--anchor", type=float, help="weight of the distance to the starting shape (default 0.3)")
+    refine.add_argument("--anchor", type=float, help="weight of the distance to the starting shape (default 0.03 for a latent, 0.3 for a grid)")
     refine.add_argument("--resolution", type=int, default=32, help="grid size for a mesh input without a VQ-VAE (default 32)")
     refine.add_argument("--tau", type=float, default=0.2, help="truncation of the grid (default 0.2)")
     refine.add_argument("--normalize", action="store_true", help="fit a mesh input into [-1, 1]³ as data preparation does")
@@ -195,7 +195,14 @@ def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
 def _device(args: argparse.Namespace) -> str:
     import torch
 
-    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ShapekilnError(f"--device {name!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ShapekilnError(f"--device {name}: torch sees no CUDA device on this machine")
+    return name
 
 
 def _add_prep_options(parser: argparse.ArgumentParser) -> None:
@@ -420,7 +427,7 @@ def _run_refine(args: argparse.Namespace) -> int:
         raise ShapekilnError("no prior: give --prior (a folder from `shapekiln train view-prior`, or a Stable Diffusion folder)")
     from shapekiln.sample.refine import RefineConfig, load_shape, refine, write_refined
 
-    config = RefineConfig(steps=args.steps, target=args.target, color=not args.no_color, lr=args.lr, seed=args.seed,
+    config = RefineConfig(steps=args.steps, target=args.target or "auto", color=not args.no_color, lr=args.lr, seed=args.seed,
                           shadings=RefineConfig.shadings_for(not args.no_color))
     for option, name in (("guidance", "guidance"), ("views", "views_per_step"), ("anchor", "anchor_weight")):
         if getattr(args, option) is not None:
@@ -440,7 +447,7 @@ def _run_refine(args: argparse.Namespace) -> int:
     result = refine(start, prior, args.text, config, tau=tau, vqvae=vqvae.to(device) if vqvae is not None else None,
                     log_dir=args.out / "logs", progress=not args.no_progress, negative=args.negative_text)
     written = write_refined(result, args.out, args.text, formats)
-    print(f"refine: {result.steps} steps, {result.seconds_per_step:.2f} s/step → {args.out} "
+    print(f"refine: {result.steps} steps of the {result.config.target} (anchor {result.config.anchor_weight:g}), {result.seconds_per_step:.2f} s/step → {args.out} "
           f"(preview: {args.out / 'preview.png'}, {len(written)} files; loss curve: tensorboard --logdir {args.out / 'logs'})")
     if result.stopped:
         raise ShapekilnError(f"refinement stopped early: {result.stopped}; {args.out} holds that state")

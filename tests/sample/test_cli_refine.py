@@ -42,7 +42,7 @@ def test_refine_writes_meshes_grid_preview_and_a_loss_curve(priors, inputs, tmp_
     out = tmp_path / "out"
     result = shapekiln("refine", inputs / "ball.obj", "--text", "a red ball", "--prior", priors / "text", "--steps", 2,
                        "--negative-text", "a blue ball", "--resolution", 16, "--out", out, "--no-progress")
-    assert "refine: 2 steps" in result.stdout
+    assert "refine: 2 steps of the grid (anchor 0.3)" in result.stdout  # no VQ-VAE given: a residual grid
     names = sorted(p.name for p in out.iterdir())
     assert names == ["logs", "preview.png", "refined.glb", "refined.npy", "refined.obj", "refined.ply", "refined_colors.npy"]
     assert np.load(out / "refined.npy").shape == (16, 16, 16)
@@ -55,6 +55,16 @@ def test_refine_optimizes_the_latent_of_a_pipeline_vqvae(priors, inputs, pipelin
               "--target", "latent", "--steps", 1, "--out", out, "--no-progress")
     refined = np.load(out / "refined.npy")
     assert refined.shape == (16, 16, 16) and not np.allclose(refined, sphere(0.4, 16), atol=1e-3)
+
+
+def test_refine_with_a_pipeline_optimizes_its_latent_by_default(priors, inputs, pipeline_dir, tmp_path):
+    out = tmp_path / "out"
+    result = shapekiln("refine", inputs / "ball.npy", "--text", "a ball", "--prior", priors / "text", "--ckpt", pipeline_dir,
+                       "--steps", 1, "--out", out, "--no-progress")
+    assert "refine: 1 steps of the latent (anchor 0.03)" in result.stdout
+    forced = shapekiln("refine", inputs / "ball.npy", "--text", "a ball", "--prior", priors / "text", "--ckpt", pipeline_dir,
+                       "--target", "grid", "--anchor", "0.5", "--steps", 1, "--out", tmp_path / "grid", "--no-progress")
+    assert "refine: 1 steps of the grid (anchor 0.5)" in forced.stdout
 
 
 def test_sample_with_refine_steps_refines_every_shape(priors, pipeline_dir, tmp_path):
@@ -71,7 +81,9 @@ def test_sample_passes_a_negative_prompt_to_its_refinement(priors, pipeline_dir,
     from shapekiln.sample.refine import RefineConfig
 
     def refined(guidance, negative=None):
-        pipeline = ShapePipeline.from_pretrained(pipeline_dir, refine=RefineConfig(steps=2, guidance=guidance), prior=priors / "text")
+        # The grid target: Adam's first steps on a latent barely depend on the gradient's scale, so guidance would hardly show there.
+        config = RefineConfig(steps=2, guidance=guidance, target="grid")
+        pipeline = ShapePipeline.from_pretrained(pipeline_dir, refine=config, prior=priors / "text")
         output = pipeline(text="a tall table", num_samples=1, steps=2, seed=3, progress=False, negative_text=negative)
         return output.shapes[0].tsdf
 

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 import trimesh
 from PIL import Image
 
@@ -78,6 +79,8 @@ def test_complete_by_inpainting(pipeline_dir, inputs, tmp_path):
         (["complete", "{inputs}/missing.obj"], "partial shape not found"),
         (["complete", "{inputs}/table.npy", "--mode", "inpaint", "--w-partial", 2], "--w-partial applies to --mode learned"),
         (["sample", "--ckpt", "{inputs}", "--text", "a chair"], "not a saved shape pipeline"),
+        (["sample", "--text", "a chair", "--device", "gpu7"], "--device 'gpu7' is not a torch device"),
+        (["complete", "{inputs}/table.npy", "--device", "cuda:0" if not torch.cuda.is_available() else "nonsense"], "--device"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(pipeline_dir, inputs, tmp_path, args, expected):

@@ -113,6 +113,27 @@ def test_color_refinement_moves_the_albedo_toward_the_prompted_color():
     assert mesh.visual.kind == "vertex" and mesh.visual.vertex_colors[:, 0].mean() > 2 * mesh.visual.vertex_colors[:, 1].mean()
 
 
+def test_the_default_target_is_the_latent_when_a_vqvae_of_the_grid_size_is_given():
+    """"auto" chooses what to optimize, and each target gets its own measured lr and anchor unless they are given."""
+    torch.manual_seed(0)
+    vqvae = VQVAE(resolution=R, tau=TAU, base_channels=8, channel_mult=(1, 2, 4), latent_channels=3, codebook_size=32, norm_groups=4).eval()
+    prior = GaussianImagePrior(render_of(sphere(0.6), 16))
+    defaults = {**FAST, "anchor_weight": None}
+    chosen = {}
+    for name, start, model, config in (
+        ("vqvae", sphere(0.3), vqvae, RefineConfig(steps=1, **defaults)),
+        ("none", sphere(0.3), None, RefineConfig(steps=1, **defaults)),
+        ("other size", sphere(0.3, 8), vqvae, RefineConfig(steps=1, **defaults)),
+        ("grid asked", sphere(0.3), vqvae, RefineConfig(steps=1, target="grid", **defaults)),
+        ("given", sphere(0.3), vqvae, RefineConfig(steps=1, lr=0.1, **FAST)),
+    ):
+        used = refine(start, prior, "a big ball", config, tau=TAU, vqvae=model, progress=False).config
+        chosen[name] = (used.target, used.lr, used.anchor_weight)
+    assert chosen == {"vqvae": ("latent", 0.02, 0.03), "none": ("grid", 0.005, 0.3), "other size": ("grid", 0.005, 0.3),
+                      "grid asked": ("grid", 0.005, 0.3), "given": ("latent", 0.1, 0.0)}
+    assert RefineConfig().target == "auto" and RefineConfig().anchor_weight is None
+
+
 def test_latent_refinement_moves_the_decoded_shape_and_keeps_the_vqvae_frozen():
     torch.manual_seed(0)
     vqvae = VQVAE(resolution=R, tau=TAU, base_channels=8, channel_mult=(1, 2, 4), latent_channels=3, codebook_size=32, norm_groups=4).eval()
