@@ -96,7 +96,7 @@ def main() -> None:
     if not (prior_dir / "view_prior.json").is_file() and not (prior_dir / "model_index.json").is_file():
         prior_dir = train_prior(args.data, args.out / "view_prior", args.prior_minutes)
     prior = load_prior(prior_dir)
-    # --vqvae: the latent is what is optimized (RefineConfig's "auto" target), as `shapekiln refine --ckpt` does.
+    # --vqvae: the latent is what is optimized, as `shapekiln refine --ckpt` does by default.
     config = RefineConfig(steps=args.steps, target="latent" if args.vqvae else "grid", guidance=args.guidance, anchor_weight=args.anchor,
                           lr=args.lr, color=not args.no_color, views_per_step=args.views, seed=args.seed,
                           shadings=RefineConfig.shadings_for(not args.no_color))
