@@ -208,14 +208,13 @@ def main() -> None:
     pipeline = ShapePipeline.from_pretrained(pipeline_dir, device=device)
     held_out = next(iter(ShapeShards(list_shards(data, "test+val"), views=True)))
     tsdf = held_out["tsdf"][0].numpy()
-    shapes, latents_of_first = [], None
+    outputs = []
     for scheduler, steps in (("ddim", pipeline.config.steps), ("dpm++", 20)):
         reset_peak(device)
         started = time.perf_counter()
         output = pipeline(text=PROMPT, num_samples=args.samples, steps=steps, scheduler=scheduler, seed=0, progress=False)
         seconds = time.perf_counter() - started
-        shapes.append(output.shapes)
-        latents_of_first = output.latents[0] if latents_of_first is None else latents_of_first
+        outputs.append(output)
         report(f"sample {scheduler}-{steps}", {"samples": args.samples, "seconds_per_shape": seconds / args.samples, "peak_mb": peak_mb(device)})
     if "partial" in pipeline.modalities:
         started = time.perf_counter()
@@ -225,7 +224,7 @@ def main() -> None:
         batched, looped = guidance_timing(pipeline, data, split="test+val")
         report("guided step (text + image + partial, 4 passes)", {"batched_ms": batched * 1000, "looped_ms": looped * 1000,
                                                                   "looped_over_batched": looped / batched})
-    preview_sheet([shape.mesh for shape in shapes[0]], {"text": PROMPT}, columns=args.samples).save(args.out / "samples.png")
+    preview_sheet([shape.mesh for shape in outputs[0].shapes], {"text": PROMPT}, columns=args.samples).save(args.out / "samples.png")
 
     # View prior and SDS refinement of a sample's latent.
     prior_config = load_config(view_prior.ViewPriorConfig, args.config, "view_prior")
@@ -234,9 +233,9 @@ def main() -> None:
     report("view prior", values)
     prior = load_prior(prior_dir, device=device)
     reset_peak(device)
-    config = RefineConfig(steps=args.refine_steps, target="latent", anchor_weight=0.03)
-    result = refine(shapes[0][0].tsdf, prior, PROMPT, config, tau=pipeline.config.tau, vqvae=pipeline.vqvae,
-                    latent=latents_of_first, progress=False)
+    config = RefineConfig(steps=args.refine_steps, target="latent")  # with the latent's own defaults (anchor 0.03, lr 0.02)
+    result = refine(outputs[0].shapes[0].tsdf, prior, PROMPT, config, tau=pipeline.config.tau, vqvae=pipeline.vqvae,
+                    latent=outputs[0].latents[0], progress=False)
     report("refine (latent)", {"steps": result.steps, "seconds_per_step": result.seconds_per_step,
                                "grid": int(result.tsdf.shape[0]), "peak_mb": peak_mb(device)})
     print(f"figures: {args.out / 'figures.json'}; samples: {args.out / 'samples.png'}")
