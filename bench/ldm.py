@@ -12,6 +12,11 @@ difference (target: within 2% on the figures the target names, AGREEMENT; the la
 quality figure beside it), and the time of one guided denoising step with the 1 + n passes batched
 against looped.
 
+The set metrics (1-NNA, MMD, COV) are averaged over `--seeds` sample seeds (default 5): at 85 held-out
+shapes one seed's 1-NNA moves by several percent (three seeds of one pipeline spread it by 7%), more
+than the 2% target. Each seed draws the same noise for both samplers, so their difference is paired:
+it is printed per seed and as a mean with its standard error.
+
     shapekiln quickstart && python bench/ldm.py
     python bench/ldm.py --run runs/quickstart --classifier runs/quickstart/classifier --split test --count 32
 """
@@ -44,6 +49,20 @@ FIGURES = (
 AGREEMENT = ("text_attribute_accuracy", "1nna_cd", "completion_learned_uhd", "completion_learned_tmd", "completion_inpaint_uhd",
              "completion_inpaint_tmd", "image_iou")
 TIMING = ("generation_seconds_per_shape",)
+SET_FIGURES = ("1nna_cd", "mmd_cd", "cov_cd")
+SAMPLERS = (("ddim", 50), ("dpm++", 20))
+SEED_STRIDE = 1000  # seed s samples shape k with seed s + k: strides of 1000 keep the seeds' noise apart
+
+
+def seed_spread(per_seed: dict[str, list[float]], reference: str, other: str) -> tuple[float, float]:
+    """Mean and standard error of the paired relative difference other / reference − 1 over seeds
+    (the standard error is nan for one seed; both are nan where the reference is 0)."""
+    differences = [b / a - 1.0 if a else float("nan") for a, b in zip(per_seed[reference], per_seed[other])]
+    mean = sum(differences) / len(differences)
+    if len(differences) < 2:
+        return mean, float("nan")
+    variance = sum((d - mean) ** 2 for d in differences) / (len(differences) - 1)
+    return mean, (variance / len(differences)) ** 0.5
 
 
 @torch.no_grad()
@@ -73,11 +92,14 @@ def main() -> None:
     parser.add_argument("--split", default="test+val", help="held-out shapes (default test+val: the quickstart's 41 + 44; "
                         "at the test split's 41 alone one 1-NNA classification is 2.2%% of 0.56, more than the 2%% target)")
     parser.add_argument("--count", type=int, default=128, help="held-out shapes for MMD/COV/1-NNA, up to the split's size (1-NNA moves in steps of 1 / (2·count))")
+    parser.add_argument("--seeds", type=int, default=5, help="sample seeds the set metrics (1-NNA, MMD, COV) are averaged over")
     parser.add_argument("--prompts", type=int, default=20)
     parser.add_argument("--completion-count", type=int, default=32)
     parser.add_argument("--image-count", type=int, default=32)
     args = parser.parse_args()
 
+    if args.seeds < 1:
+        raise SystemExit(f"--seeds must be at least 1, got {args.seeds}")
     data, pipeline_dir = args.run / "data", args.run / "ldm" / "pipeline"
     if not pipeline_dir.is_dir():
         raise SystemExit(f"no pipeline at {pipeline_dir}: run `shapekiln quickstart --out {args.run}` first")
@@ -87,18 +109,27 @@ def main() -> None:
         train_attribute_classifier(data, classifier, progress=False)
         print(f"attribute classifier trained in {time.perf_counter() - started:.0f} s → {classifier}")
 
-    results = {}
-    for scheduler, steps in (("ddim", 50), ("dpm++", 20)):
+    results, per_seed = {}, {figure: {} for figure in SET_FIGURES}
+    for scheduler, steps in SAMPLERS:
         started = time.perf_counter()
         results[scheduler] = evaluate_ldm(pipeline_dir, data, classifier, split=args.split, count=args.count, prompts=args.prompts,
                                           completion_count=args.completion_count, image_count=args.image_count,
                                           steps=steps, scheduler=scheduler, progress=False)
-        print(f"{scheduler}-{steps}: evaluated in {time.perf_counter() - started:.0f} s")
+        runs = [results[scheduler]]
+        for index in range(1, args.seeds):  # the set metrics alone
+            runs.append(evaluate_ldm(pipeline_dir, data, None, split=args.split, count=args.count, prompts=0, completion_count=0,
+                                     image_count=0, steps=steps, scheduler=scheduler, seed=SEED_STRIDE * index, progress=False))
+        for figure in SET_FIGURES:
+            if figure in results[scheduler]:
+                per_seed[figure][scheduler] = [run[figure] for run in runs]
+                results[scheduler][figure] = sum(per_seed[figure][scheduler]) / len(runs)
+        print(f"{scheduler}-{steps}: evaluated in {time.perf_counter() - started:.0f} s ({args.seeds} seed(s) of the set metrics)")
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     batched, looped = guidance_timing(ShapePipeline.from_pretrained(pipeline_dir), data)
 
     ddim, dpm = results["ddim"], results["dpm++"]
-    print(f"\nlatent diffusion, {pipeline_dir}; held-out split '{ddim['split']}', {torch.get_num_threads()} threads, peak memory {peak_mb:.0f} MB")
+    print(f"\nlatent diffusion, {pipeline_dir}; held-out split '{ddim['split']}', {torch.get_num_threads()} threads, peak memory {peak_mb:.0f} MB; "
+          f"set metrics the mean of {args.seeds} sample seed(s)")
     print(f"{'':32} {'DDIM-50':>10} {'DPM++-20':>10} {'20 / 50':>9} {'target':>15}")
     for key, target in FIGURES:
         if key in ddim and key in dpm:
@@ -107,6 +138,13 @@ def main() -> None:
     for notes in {tuple(ddim.get("notes", [])), tuple(dpm.get("notes", []))}:
         for note in notes:
             print(f"note: {note}")
+    (ddim_name, ddim_steps), (dpm_name, dpm_steps) = SAMPLERS
+    for figure, samplers in per_seed.items():
+        if len(samplers) == 2:
+            seeds = ", ".join(f"{a:.3f} / {b:.3f}" for a, b in zip(samplers[ddim_name], samplers[dpm_name]))
+            mean, error = seed_spread(samplers, ddim_name, dpm_name)
+            print(f"{figure} per seed (seeds 0, {SEED_STRIDE}, …; DDIM-{ddim_steps} / DPM++-{dpm_steps}): {seeds}; "
+                  f"paired difference {100 * mean:+.1f}% ± {100 * error:.1f} (standard error)")
     print(f"guided step (text + image + partial, 4 passes): batched {batched * 1000:.1f} ms, looped {looped * 1000:.1f} ms, "
           f"looped / batched {looped / batched:.2f}×")
     for name, keys in (("the target's figures", AGREEMENT), ("every quality figure", [key for key, _ in FIGURES if key not in TIMING])):
