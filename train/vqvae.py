@@ -18,6 +18,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from shapekiln.config import load_config, to_dict
 from shapekiln.errors import ShapekilnError
@@ -50,6 +51,12 @@ class VQVAEModelConfig:
 class VQVAELossConfig:
     surface_weight: float = 0.0  # extra L1 weight on voxels with |tsdf| < surface_band
     surface_band: float = 0.05
+    sign_weight: float = 0.0  # > 0: a logistic loss on the sign (the occupancy) of voxels within surface_band
+    sign_scale: float = 0.01  # its softness, in TSDF units: a sign right by a few of these costs nothing
+
+    def validate(self) -> None:
+        if min(self.surface_weight, self.sign_weight) < 0 or self.surface_band <= 0 or self.sign_scale <= 0:
+            raise ValueError("surface_weight and sign_weight must not be negative, surface_band and sign_scale must be positive")
 
 
 @dataclass
@@ -61,8 +68,15 @@ class VQVAEConfig:
 
 
 def reconstruction_loss(prediction: torch.Tensor, target: torch.Tensor, loss: VQVAELossConfig) -> torch.Tensor:
-    weight = 1.0 + loss.surface_weight * (target.abs() < loss.surface_band).float()
-    return (weight * (prediction - target).abs()).mean()
+    band = (target.abs() < loss.surface_band).float()
+    l1 = ((1.0 + loss.surface_weight * band) * (prediction - target).abs()).mean()
+    if not loss.sign_weight:
+        return l1
+    # scale · softplus(−pred · sign / scale): ≈ |pred| on the wrong side, scale · ln 2 on the surface, → 0 when right.
+    # L1 hardly cares whether a value of +0.005 comes out as −0.005; the occupancy (IoU) does.
+    sign = torch.where(target < 0, -1.0, 1.0)
+    wrong_side = loss.sign_scale * F.softplus(-prediction.float() * sign / loss.sign_scale)
+    return l1 + loss.sign_weight * (band * wrong_side).mean()
 
 
 def train(config: VQVAEConfig, resume: str | None = None, progress: bool = True,

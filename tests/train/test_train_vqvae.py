@@ -124,6 +124,7 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(trained, da
         ("resume_nothing", "no checkpoint in"),
         ("zero_steps", "--max-steps must be at least 1"),
         ("missing_config", "config file not found"),
+        ("negative_loss_weight", "sign_weight must not be negative"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(setup, expected, data, trained, tmp_path):
@@ -150,6 +151,8 @@ def test_bad_input_is_one_line_and_exit_2(setup, expected, data, trained, tmp_pa
         args += ["--max-steps", 0]
     elif setup == "missing_config":
         config = tmp_path / "nowhere.yaml"
+    elif setup == "negative_loss_weight":
+        tiny["loss"]["sign_weight"] = -1.0
     if setup != "missing_config":
         config.write_text(yaml.safe_dump(tiny))
     result = shapekiln("train", "vqvae", "--config", config, *args, check=False)
@@ -215,3 +218,25 @@ def test_reconstruction_loss_weights_the_band_near_the_surface():
     assert torch.isclose(reconstruction_loss(prediction, target, VQVAELossConfig(surface_weight=0.0)), errors.mean())
     banded = VQVAELossConfig(surface_weight=10.0, surface_band=0.05)
     assert torch.isclose(reconstruction_loss(prediction, target, banded), (errors * torch.tensor([11.0, 11.0, 1.0, 1.0])).mean())
+
+
+def test_sign_loss_costs_the_wrong_side_of_the_surface_within_the_band():
+    import math
+
+    from shapekiln.train.vqvae import VQVAELossConfig, reconstruction_loss
+
+    # In the band: a voxel on the wrong side (−0.02 for +0.01), one right by a wide margin, one exactly on
+    # the surface; outside it: a voxel on the wrong side that the sign term must ignore.
+    target = torch.tensor([0.01, -0.03, 0.02, 0.15])
+    prediction = torch.tensor([-0.02, -0.13, 0.0, -0.05])
+    plain = VQVAELossConfig(surface_weight=0.0)
+    signed = VQVAELossConfig(surface_weight=0.0, sign_weight=2.0, sign_scale=0.01)
+    softplus = lambda x: math.log1p(math.exp(x))  # noqa: E731
+    by_hand = 0.01 * (softplus(2.0) + softplus(-13.0) + softplus(0.0)) / 4  # outside the band: nothing
+    extra = reconstruction_loss(prediction, target, signed) - reconstruction_loss(prediction, target, plain)
+    assert math.isclose(float(extra), 2.0 * by_hand, rel_tol=1e-5)
+    # One voxel: the wrong side costs about |prediction| more than L1 alone, the right side by 0.1 next to nothing.
+    one = lambda p, t: float(reconstruction_loss(torch.tensor([p]), torch.tensor([t]), signed)  # noqa: E731
+                             - reconstruction_loss(torch.tensor([p]), torch.tensor([t]), plain))
+    assert 2.0 * 0.03 < one(-0.03, 0.01) < 2.0 * 0.0305 and one(0.11, 0.01) < 1e-5
+
