@@ -4,8 +4,9 @@
     shapekiln train vqvae --config small            # one process
 
 Loss: L1 between the predicted and the true TSDF (optionally weighted up near the surface, where
-the mesh is decided) plus the quantizer's commitment loss; the codebook learns by EMA updates with
-dead-code restarts, so it has no loss term of its own.
+the mesh is decided), optionally a logistic loss on the sign (the occupancy) near the surface, plus
+the quantizer's commitment loss; the codebook learns by EMA updates with dead-code restarts, so it
+has no loss term of its own.
 """
 
 from __future__ import annotations
