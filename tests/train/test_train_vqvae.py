@@ -239,4 +239,3 @@ def test_sign_loss_costs_the_wrong_side_of_the_surface_within_the_band():
     one = lambda p, t: float(reconstruction_loss(torch.tensor([p]), torch.tensor([t]), signed)  # noqa: E731
                              - reconstruction_loss(torch.tensor([p]), torch.tensor([t]), plain))
     assert 2.0 * 0.03 < one(-0.03, 0.01) < 2.0 * 0.0305 and one(0.11, 0.01) < 1e-5
-
