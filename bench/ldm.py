@@ -54,10 +54,10 @@ SAMPLERS = (("ddim", 50), ("dpm++", 20))
 SEED_STRIDE = 1000  # seed s samples shape k with seed s + k: strides of 1000 keep the seeds' noise apart
 
 
-def seed_spread(per_seed: dict[str, list[float]], reference: str, other: str) -> tuple[float, float]:
+def seed_spread(reference: list[float], other: list[float]) -> tuple[float, float]:
     """Mean and standard error of the paired relative difference other / reference − 1 over seeds
     (the standard error is nan for one seed; both are nan where the reference is 0)."""
-    differences = [b / a - 1.0 if a else float("nan") for a, b in zip(per_seed[reference], per_seed[other])]
+    differences = [b / a - 1.0 if a else float("nan") for a, b in zip(reference, other)]
     mean = sum(differences) / len(differences)
     if len(differences) < 2:
         return mean, float("nan")
@@ -142,7 +142,7 @@ def main() -> None:
     for figure, samplers in per_seed.items():
         if len(samplers) == 2:
             seeds = ", ".join(f"{a:.3f} / {b:.3f}" for a, b in zip(samplers[ddim_name], samplers[dpm_name]))
-            mean, error = seed_spread(samplers, ddim_name, dpm_name)
+            mean, error = seed_spread(samplers[ddim_name], samplers[dpm_name])
             print(f"{figure} per seed (seeds 0, {SEED_STRIDE}, …; DDIM-{ddim_steps} / DPM++-{dpm_steps}): {seeds}; "
                   f"paired difference {100 * mean:+.1f}% ± {100 * error:.1f} (standard error)")
     print(f"guided step (text + image + partial, 4 passes): batched {batched * 1000:.1f} ms, looped {looped * 1000:.1f} ms, "
