@@ -176,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument("--vqvae-steps", type=int, default=1600, help="VQ-VAE training steps (default 1600)")
     quick.add_argument("--ldm-steps", type=int, help="diffusion training steps (default: configs/ldm/small.yaml, 800)")
     quick.add_argument("--samples", type=int, default=4, help="shapes per prompt (default 4)")
+    quick.add_argument("--config", choices=["tiny", "small"], default="small",
+                       help="size of every stage (configs/*/CONFIG.yaml; default small; tiny: 16³, a quick check)")
     quick.add_argument("--no-progress", action="store_true")
     quick.set_defaults(run=_run_quickstart)
     return parser
@@ -507,7 +509,7 @@ def _run_quickstart(args: argparse.Namespace) -> int:
     from shapekiln.quickstart import quickstart
 
     quickstart(args.out, count=args.count, workers=args.workers, vqvae_steps=args.vqvae_steps, ldm_steps=args.ldm_steps,
-               samples_per_prompt=args.samples, progress=not args.no_progress)
+               samples_per_prompt=args.samples, progress=not args.no_progress, config=args.config)
     return 0
 
 

@@ -28,8 +28,9 @@ PROMPTS = (
 
 
 def quickstart(out: Path, count: int = 1000, workers: int = 2, vqvae_steps: int | None = 1600, ldm_steps: int | None = None,
-               prompts: Sequence[str] = PROMPTS, samples_per_prompt: int = 4, progress: bool = True) -> Path:
-    """Run every stage into `out`; returns the path of the overview PNG."""
+               prompts: Sequence[str] = PROMPTS, samples_per_prompt: int = 4, progress: bool = True, config: str = "small") -> Path:
+    """Run every stage into `out` with the `config` size (configs/*/<config>.yaml: small, or tiny for a
+    quick check); returns the path of the overview PNG."""
     from shapekiln.data_prep.latents import encode_shards
     from shapekiln.data_prep.shards import run_prep
     from shapekiln.data_prep.sources.synthetic import SyntheticSource
@@ -39,12 +40,12 @@ def quickstart(out: Path, count: int = 1000, workers: int = 2, vqvae_steps: int 
     started = time.perf_counter()
     data, latents = out / "data", out / "latents"
     _stage("prep", started)
-    summary = run_prep(SyntheticSource(count, seed=0), load_config(PrepConfig, "small", "data"), data, workers=workers,
+    summary = run_prep(SyntheticSource(count, seed=0), load_config(PrepConfig, config, "data"), data, workers=workers,
                        progress=progress, source_args={"count": count, "seed": 0})
     print(summary.line(data))
 
     _stage("train vqvae", started)
-    vqvae_config = load_config(vqvae.VQVAEConfig, "small", "vqvae")
+    vqvae_config = load_config(vqvae.VQVAEConfig, config, "vqvae")
     vqvae_config.data.shards, vqvae_config.train.output_dir = str(data), str(out / "vqvae")
     if vqvae_steps is not None:
         vqvae_config.train.max_steps = vqvae_steps
@@ -54,7 +55,7 @@ def quickstart(out: Path, count: int = 1000, workers: int = 2, vqvae_steps: int 
     print(encode_shards(vqvae_model, data, latents, progress=progress).line(latents))
 
     _stage("train ldm", started)
-    ldm_config = load_config(ldm.LDMConfig, "small", "ldm")
+    ldm_config = load_config(ldm.LDMConfig, config, "ldm")
     ldm_config.vqvae, ldm_config.data.shards, ldm_config.train.output_dir = str(vqvae_model), str(latents), str(out / "ldm")
     if ldm_steps is not None:
         ldm_config.train.max_steps = ldm_steps
