@@ -168,8 +168,8 @@ def main() -> None:
     data = args.out / "data"
     prep_config = load_config(PrepConfig, args.config, "data")
     started = time.perf_counter()
-    summary = run_prep(SyntheticSource(args.count), prep_config, data, workers=os.cpu_count() or 1, progress=False,
-                       source_args={"count": args.count, "seed": 0})
+    source = SyntheticSource(args.count, resolution=prep_config.resolution, extent=prep_config.extent)
+    summary = run_prep(source, prep_config, data, workers=os.cpu_count() or 1, progress=False, source_args=source.args())
     seconds = time.perf_counter() - started
     report("prep", {"shapes": summary.written, "seconds": seconds, "shapes_per_s": summary.written / seconds,
                     "resolution": prep_config.resolution, "views": prep_config.views, "view_size": prep_config.view_size})

@@ -60,8 +60,9 @@ def main() -> None:
     data = args.data or args.out / "data"
     if args.data is None:
         started = time.perf_counter()
-        summary = run_prep(SyntheticSource(args.count), load_config(PrepConfig, "small", "data"), data, workers=2,
-                           progress=False, source_args={"count": args.count, "seed": 0})
+        prep_config = load_config(PrepConfig, "small", "data")
+        source = SyntheticSource(args.count, resolution=prep_config.resolution, extent=prep_config.extent)
+        summary = run_prep(source, prep_config, data, workers=2, progress=False, source_args=source.args())
         print(f"{summary.line(data)} ({time.perf_counter() - started:.0f} s)")
     config = load_config(VQVAEConfig, args.config, "vqvae")
     config.data.shards, config.train.output_dir = str(data), str(args.out / "run")

@@ -14,7 +14,7 @@ from PIL import Image
 
 from shapekiln.data_prep.render import Camera, orbit_cameras, render_views
 from shapekiln.data_prep.sources.base import ShapeRecord
-from shapekiln.data_prep.tsdf import compute_tsdf
+from shapekiln.data_prep.tsdf import add_thin_shell, compute_tsdf, is_closed
 from shapekiln.errors import ShapekilnError
 
 
@@ -33,6 +33,10 @@ class PrepConfig:
     over_face_limit: Literal["decimate", "skip"] = "decimate"
     val_fraction: float = 0.05
     test_fraction: float = 0.05
+    # Open meshes: surfaces with nothing inside on either side (sheets) get a shell this many voxels
+    # thick, so a chair made of single-sided planes keeps its seat and back; 0 turns it off.
+    # Closed meshes are never touched.
+    thin_shell: float = 1.5
 
     def validate(self) -> None:
         if self.resolution < 4 or self.resolution % 4:
@@ -43,6 +47,8 @@ class PrepConfig:
             raise ValueError(f"extent must be in (0, 1], got {self.extent}")
         if self.views < 0 or self.view_size < 8 or self.shard_size < 1 or self.max_faces < 4:
             raise ValueError("views >= 0, view_size >= 8, shard_size >= 1 and max_faces >= 4 are required")
+        if not 0 <= self.thin_shell <= self.resolution:
+            raise ValueError(f"thin_shell must be between 0 and the resolution ({self.resolution}) voxels, got {self.thin_shell}")
         if self.val_fraction < 0 or self.test_fraction < 0 or self.val_fraction + self.test_fraction >= 1:
             raise ValueError("val_fraction and test_fraction must be >= 0 and sum to less than 1")
 
@@ -60,8 +66,9 @@ def split_of(shape_id: str, config: PrepConfig) -> str:
     return "train"
 
 
-def check_mesh(mesh: trimesh.Trimesh) -> None:
-    """Raise ShapekilnError for a mesh no TSDF can be made of."""
+def check_mesh(mesh: trimesh.Trimesh, flat_ok: bool = False) -> None:
+    """Raise ShapekilnError for a mesh no TSDF can be made of; `flat_ok`: a planar mesh is kept (a thin
+    shell gives it volume)."""
     if not isinstance(mesh, trimesh.Trimesh) or len(mesh.faces) == 0 or len(mesh.vertices) == 0:
         raise ShapekilnError("empty mesh (no faces)")
     if not np.isfinite(mesh.vertices).all():
@@ -69,8 +76,8 @@ def check_mesh(mesh: trimesh.Trimesh) -> None:
     extents = mesh.vertices.max(axis=0) - mesh.vertices.min(axis=0)
     if extents.max() <= 0 or mesh.area <= 1e-12 * extents.max() ** 2:
         raise ShapekilnError("degenerate mesh (zero extent or zero surface area)")
-    if extents.min() <= 1e-6 * extents.max():
-        raise ShapekilnError("zero-volume mesh (all vertices lie in one plane)")
+    if not flat_ok and extents.min() <= 1e-6 * extents.max():
+        raise ShapekilnError("zero-volume mesh (all vertices lie in one plane; thin_shell > 0 gives a sheet volume)")
 
 
 def normalize(mesh: trimesh.Trimesh, extent: float) -> tuple[trimesh.Trimesh, np.ndarray]:
@@ -91,7 +98,7 @@ def normalize(mesh: trimesh.Trimesh, extent: float) -> tuple[trimesh.Trimesh, np
 def prepare_sample(record: ShapeRecord, config: PrepConfig, cameras: list[Camera]) -> dict[str, Any]:
     """A webdataset sample (key → bytes) for one shape; ShapekilnError says why a shape is unusable."""
     mesh = record.mesh
-    check_mesh(mesh)
+    check_mesh(mesh, flat_ok=config.thin_shell > 0)
     flags: dict[str, Any] = {}
     if len(mesh.faces) > config.max_faces:
         if config.over_face_limit == "skip":
@@ -102,8 +109,13 @@ def prepare_sample(record: ShapeRecord, config: PrepConfig, cameras: list[Camera
 
     mesh, transform = normalize(mesh, config.extent)
     tsdf = compute_tsdf(mesh.vertices, mesh.faces, config.resolution, config.tau)
+    if config.thin_shell > 0 and not is_closed(mesh.vertices, mesh.faces):
+        voxel = 2.0 / config.resolution
+        tsdf, sheets = add_thin_shell(mesh.vertices, mesh.faces, tsdf, config.thin_shell * voxel, config.tau)
+        if sheets:
+            flags["thin_shell"] = {"sheet_faces": sheets, "voxels": config.thin_shell}
     if not (tsdf < 0).any():
-        raise ShapekilnError(f"no voxel lies inside the surface at {config.resolution}³ (an open sheet, or thinner than a voxel)")
+        raise ShapekilnError(f"no voxel lies inside the surface at {config.resolution}³ (an open sheet with thin_shell 0, or thinner than a voxel)")
     views = render_views(mesh, cameras) if cameras else np.zeros((0, 1, 1, 4), np.uint8)
 
     captions = [caption.strip() for caption in record.captions if caption and caption.strip()]

@@ -22,6 +22,7 @@ from functools import lru_cache
 
 import igl
 import numpy as np
+import trimesh
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
@@ -540,3 +541,49 @@ def _edges_pair_up(faces: np.ndarray, vertex_count: int) -> bool:
 def _as_igl(vertices: np.ndarray, faces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """libigl wants C-contiguous float64 vertices and int64 faces."""
     return np.ascontiguousarray(vertices, dtype=np.float64), np.ascontiguousarray(faces, dtype=np.int64)
+
+
+# ----------------------------------------------------------------------------------------------
+# Thin shells: volume for open sheets (single-sided surfaces have no inside of their own)
+
+
+def sheet_faces(vertices: np.ndarray, faces: np.ndarray, offset: float, directions: int = 32,
+                open_share: float = 0.1) -> np.ndarray:
+    """Faces that see the open world from both sides: (F,) bool.
+
+    From a point `offset` off each face's centroid, on either side, rays in `directions` directions
+    (a Fibonacci sphere) are cast; a side is open when at least `open_share` of them escape the mesh.
+    A face of a closed part has one side shut in; a sheet (an open, single-sided surface, or two
+    surfaces closer than 2·offset) is open on both. The winding number cannot tell: just off an open
+    sheet it is ±0.5 plus what the other surfaces subtend.
+    """
+    vertices, faces = _as_igl(vertices, faces)
+    mesh = trimesh.Trimesh(vertices, faces, process=False)
+    k = np.arange(directions) + 0.5
+    polar, azimuth = np.arccos(1.0 - 2.0 * k / directions), np.pi * (1.0 + 5.0**0.5) * k
+    rays = np.stack([np.sin(polar) * np.cos(azimuth), np.sin(polar) * np.sin(azimuth), np.cos(polar)], axis=1)  # (D, 3)
+    normal, area = mesh.face_normals, mesh.area_faces
+    sides = []
+    for sign in (1.0, -1.0):
+        origins = mesh.triangles_center + sign * offset * normal  # (F, 3)
+        hit = mesh.ray.intersects_any(np.repeat(origins, directions, axis=0), np.tile(rays, (len(faces), 1)))
+        sides.append((~hit).reshape(len(faces), directions).mean(axis=1) >= open_share)
+    return sides[0] & sides[1] & (area > 0)
+
+
+def add_thin_shell(vertices: np.ndarray, faces: np.ndarray, tsdf: np.ndarray, thickness: float, tau: float) -> tuple[np.ndarray, int]:
+    """The TSDF of the shape united with a shell `thickness` thick around its sheet faces, and how many
+    faces are sheets. The way watertighting steps give sheets volume: a sheet's inside becomes the
+    voxels within thickness / 2 of it (signed distance d_sheet - thickness / 2, united by min).
+
+    Leaves every voxel as it was when no face is a sheet; never makes an inside voxel outside.
+    """
+    resolution = tsdf.shape[0]
+    vertices, faces = _as_igl(vertices, faces)
+    sheets = sheet_faces(vertices, faces, offset=0.25 * 2.0 / resolution)
+    if thickness <= 0 or not sheets.any():
+        return tsdf, int(sheets.sum())
+    half = thickness / 2.0
+    distance = _distances(vertices, faces[sheets], grid_points(resolution), tau + half).reshape(tsdf.shape)
+    shell = np.clip(distance - half, -tau, tau)
+    return np.minimum(tsdf, shell).astype(np.float32), int(sheets.sum())

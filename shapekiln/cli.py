@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     group = prep.add_argument_group("synthetic")
     group.add_argument("--count", type=int, default=200, help="number of shapes (default 200)")
     group.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
+    group.add_argument("--part-voxels", type=float, default=1.5,
+                       help="thinnest part width in voxels of the grid (default 1.5, so legs and poles stay whole; 0: nominal proportions)")
     group = prep.add_argument_group("folder and objaverse")
     group.add_argument("--captions", type=Path, help="caption CSV (folder: modelId,description[,category]; objaverse: uid,caption)")
     group = prep.add_argument_group("objaverse")
@@ -217,6 +219,7 @@ def _add_prep_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--shard-size", type=int, help="shapes per shard")
     group.add_argument("--max-faces", type=int, help="face limit per mesh")
     group.add_argument("--over-face-limit", choices=["decimate", "skip"], help="what to do with a mesh over the limit")
+    group.add_argument("--thin-shell", type=float, help="shell thickness in voxels given to open sheets (0: off; default 1.5)")
     group = parser.add_argument_group("running")
     group.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     group.add_argument("--num-shards", type=int, default=1, help="split the job into this many slices (array jobs)")
@@ -233,9 +236,10 @@ def _run_prep(args: argparse.Namespace) -> int:
     overrides = {
         "resolution": args.resolution, "tau": args.tau, "views": args.views, "view_size": args.view_size,
         "shard_size": args.shard_size, "max_faces": args.max_faces, "over_face_limit": args.over_face_limit,
+        "thin_shell": args.thin_shell,
     }
     config = load_config(PrepConfig, args.config, "data", overrides)
-    source, source_args = _build_source(args)
+    source, source_args = _build_source(args, config)
     summary = run_prep(
         source, config, args.out, workers=args.workers, num_shards=args.num_shards, shard_index=args.shard_index,
         progress=not args.no_progress, source_args=source_args,
@@ -246,14 +250,16 @@ def _run_prep(args: argparse.Namespace) -> int:
     return 0
 
 
-def _build_source(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+def _build_source(args: argparse.Namespace, config: Any) -> tuple[Any, dict[str, Any]]:
     """The source object and the arguments that define it (recorded in dataset.json)."""
     if args.source == "synthetic":
         from shapekiln.data_prep.sources.synthetic import SyntheticSource
 
         if args.count < 1:
             raise ShapekilnError(f"--count must be at least 1, got {args.count}")
-        return SyntheticSource(args.count, seed=args.seed), {"count": args.count, "seed": args.seed}
+        resolution = config.resolution if args.part_voxels > 0 else None
+        source = SyntheticSource(args.count, seed=args.seed, resolution=resolution, part_voxels=args.part_voxels, extent=config.extent)
+        return source, source.args()
     if args.source == "folder":
         from shapekiln.data_prep.sources.folder import FolderSource
 

@@ -177,3 +177,82 @@ def total_mutual_difference(completions: list[np.ndarray]) -> float:
         raise ValueError("TMD needs at least two completions")
     distances = pairwise_chamfer(completions, completions)
     return float((distances.sum(axis=1) / (len(completions) - 1)).sum())
+
+
+# ---------------------------------------------------------------- structure (does a shape hold together?)
+#
+# What a person sees first in a sample is whether it is one object: a lamp whose shade floats above its
+# base, a table with legs in pieces. IoU and Chamfer barely charge for a missing pole; these count it.
+
+_NEIGHBOURS_26 = np.ones((3, 3, 3), dtype=bool)
+
+
+def inside_pieces(tsdf: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """26-connected pieces of the inside (TSDF < 0) voxels: labels (R, R, R) int (0 outside, 1..n) and
+    the voxel count of each piece (n,), largest first (label 1 is the largest)."""
+    from scipy import ndimage
+
+    labels, count = ndimage.label(np.asarray(tsdf) < 0, structure=_NEIGHBOURS_26)
+    sizes = np.bincount(labels.reshape(-1), minlength=count + 1)[1:]
+    order = np.argsort(-sizes, kind="stable")  # relabel so 1 is the largest piece
+    relabel = np.zeros(count + 1, dtype=labels.dtype)
+    relabel[order + 1] = np.arange(1, count + 1)
+    return relabel[labels], sizes[order]
+
+
+def structure(tsdf: np.ndarray) -> dict[str, float]:
+    """`pieces`: how many 26-connected pieces the inside has (0 when empty); `floaters`: the share of
+    the inside voxels outside the largest piece (0 for one piece or none)."""
+    _, sizes = inside_pieces(tsdf)
+    total = int(sizes.sum())
+    return {"pieces": int(len(sizes)), "floaters": 0.0 if total == 0 else float(1.0 - sizes[0] / total)}
+
+
+def structure_summary(grids: list[np.ndarray]) -> dict[str, float]:
+    """Over a set of TSDF grids: `one_piece` (the fraction whose inside is exactly one piece), the mean
+    number of pieces and the mean floater share."""
+    if not grids:
+        raise ValueError("a structure summary needs at least one grid")
+    rows = [structure(grid) for grid in grids]
+    return {
+        "one_piece": float(np.mean([row["pieces"] == 1 for row in rows])),
+        "pieces_mean": float(np.mean([row["pieces"] for row in rows])),
+        "floaters_mean": float(np.mean([row["floaters"] for row in rows])),
+    }
+
+
+def part_voxels(part: trimesh.Trimesh, resolution: int) -> np.ndarray:
+    """The voxels whose centers lie inside a closed part mesh (already in the grid's [-1, 1]³): (R, R, R) bool.
+
+    Empty when the part falls between voxel centers: at that resolution it cannot be present at all.
+    """
+    from shapekiln.data_prep.tsdf import grid_points, inside_mask
+
+    inside = inside_mask(np.asarray(part.vertices, dtype=np.float64), np.asarray(part.faces, dtype=np.int64),
+                         grid_points(resolution))
+    return inside.reshape((resolution,) * 3)
+
+
+# A part is present when this share of its voxels lies in (or within `tolerance` voxels of) the
+# largest piece: broken-off fragments are at least 2 voxels (26-connectivity) from it, so they miss.
+PART_COVERAGE = 0.75
+
+
+def parts_present(parts: list[np.ndarray], tsdf: np.ndarray, tolerance: int = 1) -> list[bool]:
+    """For each part's voxel mask (R, R, R) bool, whether the shape has it: at least PART_COVERAGE of its
+    voxels in the inside's largest piece dilated by `tolerance` voxels (a part that lies a voxel off, as
+    a sample's leg may against a reference's, still counts; a missing, broken or floating one does not).
+    A part with no voxels is never present."""
+    from scipy import ndimage
+
+    labels, sizes = inside_pieces(tsdf)
+    largest = labels == 1
+    if tolerance > 0 and len(sizes):
+        largest = ndimage.binary_dilation(largest, structure=_NEIGHBOURS_26, iterations=tolerance)
+    present = []
+    for mask in parts:
+        if mask.shape != largest.shape:
+            raise ValueError(f"part mask {mask.shape} and grid {largest.shape} differ in shape")
+        count = int(mask.sum())
+        present.append(count > 0 and len(sizes) > 0 and float(largest[mask].sum()) >= PART_COVERAGE * count)
+    return present

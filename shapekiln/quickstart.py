@@ -40,8 +40,9 @@ def quickstart(out: Path, count: int = 1000, workers: int = 2, vqvae_steps: int 
     started = time.perf_counter()
     data, latents = out / "data", out / "latents"
     _stage("prep", started)
-    summary = run_prep(SyntheticSource(count, seed=0), load_config(PrepConfig, config, "data"), data, workers=workers,
-                       progress=progress, source_args={"count": count, "seed": 0})
+    prep_config = load_config(PrepConfig, config, "data")
+    source = SyntheticSource(count, seed=0, resolution=prep_config.resolution, extent=prep_config.extent)
+    summary = run_prep(source, prep_config, data, workers=workers, progress=progress, source_args=source.args())
     print(summary.line(data))
 
     _stage("train vqvae", started)

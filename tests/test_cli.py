@@ -58,7 +58,7 @@ def test_quickstart_runs_every_stage_and_writes_previews(tmp_path):
     result = shapekiln("quickstart", "--out", out, "--count", 60, "--vqvae-steps", 4, "--ldm-steps", 4, "--samples", 1, "--no-progress")
     assert "quickstart: done" in result.stdout
     meta = json.loads((out / "data" / "dataset.json").read_text())
-    assert meta["config"]["resolution"] == 32 and meta["source_args"] == {"count": 60, "seed": 0}
+    assert meta["config"]["resolution"] == 32 and meta["source_args"] == {"count": 60, "seed": 0, "resolution": 32, "part_voxels": 1.5}
     assert (out / "latents" / "latent_stats.json").is_file() and (out / "ldm" / "pipeline" / "pipeline.json").is_file()
     prompt_dirs = [path for path in (out / "samples").iterdir() if path.name != "completion"]
     assert len(prompt_dirs) == 4 and all((path / "sample_0.npy").is_file() for path in prompt_dirs)

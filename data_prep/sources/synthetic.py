@@ -189,137 +189,153 @@ def _legs_under(count: int, radius_at_top: float, y_top: float, leg_radius: floa
         direction = np.array([np.cos(phi), 0.0, np.sin(phi)])
         top = direction * radius_at_top + [0, y_top, 0]
         foot = direction * (radius_at_top + splay)
-        legs.append(_rod(foot, top, leg_radius))
+        legs.append(("leg", _rod(foot, top, leg_radius)))
     return legs
 
 
-def _pedestal(column_radius: float, base_radius: float, y_top: float) -> list[trimesh.Trimesh]:
-    return [_post(base_radius, 0.0, 0.035, sections=32), _post(column_radius, 0.0, y_top, sections=16)]
+def _pedestal(column_radius: float, base_radius: float, y_top: float, thin: float) -> list[tuple[str, trimesh.Trimesh]]:
+    return [("base", _post(base_radius, 0.0, max(0.035, thin), sections=32)), ("column", _post(column_radius, 0.0, y_top, sections=16))]
 
 
 # ---------------------------------------------------------------- one builder per category
+#
+# A builder returns named parts; the names in THIN_PARTS are the thin ones a coarse grid loses first
+# (the structure metric checks each of them). `thin` is the smallest width (world units) any part may
+# have: 0 gives the nominal proportions; `SyntheticSource(resolution=R)` sets it to 1.5 voxels of R³
+# after normalization, so legs, poles and boards cannot fall between voxel centers.
+
+THIN_PARTS = frozenset({"leg", "column", "spoke", "pole", "handle", "arm", "footrest", "post"})
+
+Part = tuple[str, trimesh.Trimesh]
 
 
-def _table(a: dict, rng: np.random.Generator) -> list[trimesh.Trimesh]:
+def _table(a: dict, rng: np.random.Generator, thin: float) -> list[Part]:
     width = rng.uniform(0.9, 1.1)
-    thick = rng.uniform(0.04, 0.06)
-    leg_r = rng.uniform(0.025, 0.035)
+    thick = max(rng.uniform(0.04, 0.06), thin)
+    leg_r = max(rng.uniform(0.025, 0.035), thin / 2)
     height = rng.uniform(0.72, 0.82) if a["height"] == "tall" else rng.uniform(0.36, 0.44)
     half = width / 2
     if a["top"] == "round":
-        parts = [_post(half, height - thick, height, sections=48)]
+        parts = [("top", _post(half, height - thick, height, sections=48))]
         leg_at = 0.72 * half
     else:
-        parts = [_box([-half, height - thick, -half], [half, height, half])]
+        parts = [("top", _box([-half, height - thick, -half], [half, height, half]))]
         leg_at = 0.85 * half * np.sqrt(2) if a["legs"] == "four" else 0.72 * half
     if a["legs"] == "pedestal":
-        return parts + _pedestal(rng.uniform(0.05, 0.07), 0.35 * width, height - thick)
+        return parts + _pedestal(max(rng.uniform(0.05, 0.07), thin / 2), 0.35 * width, height - thick, thin)
     return parts + _legs_under(_COUNT_WORDS[a["legs"]], leg_at, height - thick, leg_r)
 
 
-def _chair(a: dict, rng: np.random.Generator) -> list[trimesh.Trimesh]:
+def _chair(a: dict, rng: np.random.Generator, thin: float) -> list[Part]:
     w, d = rng.uniform(0.45, 0.52), rng.uniform(0.44, 0.5)
-    seat_y, thick = rng.uniform(0.43, 0.48), 0.05
+    seat_y, thick = rng.uniform(0.43, 0.48), max(0.05, thin)
     back_h = rng.uniform(0.5, 0.6) if a["back"] == "high" else rng.uniform(0.2, 0.26)
+    back = max(0.05, thin)
     parts = [
-        _box([-w / 2, seat_y - thick, -d / 2], [w / 2, seat_y, d / 2]),
-        _box([-w / 2, seat_y - thick, -d / 2], [w / 2, seat_y + back_h, -d / 2 + 0.05]),
+        ("seat", _box([-w / 2, seat_y - thick, -d / 2], [w / 2, seat_y, d / 2])),
+        ("back", _box([-w / 2, seat_y - thick, -d / 2], [w / 2, seat_y + back_h, -d / 2 + back])),
     ]
     if a["arms"] == "yes":
-        arm_y = seat_y + 0.2
+        arm_y, rest, support = seat_y + 0.2, max(0.06, thin) / 2, max(0.04, thin) / 2
         for x in (-w / 2 - 0.03, w / 2 + 0.03):
-            parts.append(_box([x - 0.03, arm_y - 0.03, -d / 2], [x + 0.03, arm_y, d / 2]))
-            parts.append(_box([x - 0.02, seat_y - thick, d / 2 - 0.06], [x + 0.02, arm_y, d / 2 - 0.02]))
+            parts.append(("arm", _box([x - rest, arm_y - max(0.03, thin), -d / 2], [x + rest, arm_y, d / 2])))
+            parts.append(("arm", _box([x - support, seat_y - thick, d / 2 - 0.04 - support], [x + support, arm_y, d / 2 - 0.04 + support])))
     if a["legs"] == "pedestal":
         # An office chair: a column on a five-spoke star base reads clearly as "pedestal".
-        parts.append(_post(0.035, 0.04, seat_y - thick, sections=16))
+        spoke = max(0.02, thin / 2)
+        hub = max(0.04, 2 * spoke)
+        parts.append(("column", _post(max(0.035, thin / 2), hub, seat_y - thick, sections=16)))
         for k in range(5):
             phi = 2 * np.pi * k / 5
-            tip = [0.3 * np.cos(phi), 0.025, 0.3 * np.sin(phi)]
-            parts.append(_rod([0, 0.04, 0], tip, 0.02, sections=8))
+            tip = [0.3 * np.cos(phi), max(0.025, spoke), 0.3 * np.sin(phi)]
+            parts.append(("spoke", _rod([0, hub, 0], tip, spoke, sections=8)))
         return parts
-    inset = 0.035
+    half_leg = max(0.04, thin) / 2
+    inset = 0.015 + half_leg
     for x in (-w / 2 + inset, w / 2 - inset):
         for z in (-d / 2 + inset, d / 2 - inset):
-            parts.append(_box([x - 0.02, 0.0, z - 0.02], [x + 0.02, seat_y - thick, z + 0.02]))
+            parts.append(("leg", _box([x - half_leg, 0.0, z - half_leg], [x + half_leg, seat_y - thick, z + half_leg])))
     return parts
 
 
-def _stool(a: dict, rng: np.random.Generator) -> list[trimesh.Trimesh]:
+def _stool(a: dict, rng: np.random.Generator, thin: float) -> list[Part]:
     size = rng.uniform(0.34, 0.4)
-    thick = rng.uniform(0.04, 0.06)
+    thick = max(rng.uniform(0.04, 0.06), thin)
     height = rng.uniform(0.72, 0.8) if a["height"] == "tall" else rng.uniform(0.4, 0.46)
     half = size / 2
     if a["seat"] == "round":
-        parts = [_post(half, height - thick, height, sections=32)]
+        parts = [("seat", _post(half, height - thick, height, sections=32))]
     else:
-        parts = [_box([-half, height - thick, -half], [half, height, half])]
+        parts = [("seat", _box([-half, height - thick, -half], [half, height, half]))]
     if a["legs"] == "pedestal":
-        return parts + _pedestal(0.04, 0.8 * half, height - thick)
+        return parts + _pedestal(max(0.04, thin / 2), 0.8 * half, height - thick, thin)
     top_r, splay = 0.7 * half, 0.08 * height
-    parts += _legs_under(_COUNT_WORDS[a["legs"]], top_r, height - thick, 0.02, splay)
+    parts += _legs_under(_COUNT_WORDS[a["legs"]], top_r, height - thick, max(0.02, thin / 2), splay)
     if a["height"] == "tall":
         # A footrest ring at a third of the height, where the splayed legs are that far out.
-        parts.append(_ring(top_r + splay * 2 / 3, 0.015, height / 3))
+        parts.append(("footrest", _ring(top_r + splay * 2 / 3, max(0.015, thin / 2), height / 3)))
     return parts
 
 
-def _bench(a: dict, rng: np.random.Generator) -> list[trimesh.Trimesh]:
+def _bench(a: dict, rng: np.random.Generator, thin: float) -> list[Part]:
     length = rng.uniform(1.4, 1.6) if a["length"] == "long" else rng.uniform(0.85, 0.95)
-    depth, seat_y, thick = rng.uniform(0.36, 0.42), rng.uniform(0.42, 0.46), 0.06
+    depth, seat_y, thick = rng.uniform(0.36, 0.42), rng.uniform(0.42, 0.46), max(0.06, thin)
     hx, hz = length / 2, depth / 2
-    parts = [_box([-hx, seat_y - thick, -hz], [hx, seat_y, hz])]
+    parts = [("seat", _box([-hx, seat_y - thick, -hz], [hx, seat_y, hz]))]
     if a["legs"] == "slab":
-        for x in (-hx + 0.06, hx - 0.1):
-            parts.append(_box([x, 0.0, -hz + 0.02], [x + 0.04, seat_y - thick, hz - 0.02]))
+        slab = max(0.04, thin)
+        for x in (-hx + 0.06, hx - 0.06 - slab):
+            parts.append(("slab", _box([x, 0.0, -hz + 0.02], [x + slab, seat_y - thick, hz - 0.02])))
     else:
+        half_leg = max(0.05, thin) / 2
         for x in (-hx + 0.05, hx - 0.05):
             for z in (-hz + 0.05, hz - 0.05):
-                parts.append(_box([x - 0.025, 0.0, z - 0.025], [x + 0.025, seat_y - thick, z + 0.025]))
+                parts.append(("leg", _box([x - half_leg, 0.0, z - half_leg], [x + half_leg, seat_y - thick, z + half_leg])))
     if a["back"] == "yes":
-        top = seat_y + rng.uniform(0.35, 0.42)
+        top, board = seat_y + rng.uniform(0.35, 0.42), max(0.04, thin)
+        half_post = max(0.05, thin) / 2
         for x in (-hx + 0.05, hx - 0.05):
-            parts.append(_box([x - 0.025, seat_y - thick, -hz], [x + 0.025, top, -hz + 0.04]))
-        parts.append(_box([-hx, top - 0.18, -hz], [hx, top, -hz + 0.04]))
+            parts.append(("post", _box([x - half_post, seat_y - thick, -hz], [x + half_post, top, -hz + board])))
+        parts.append(("back", _box([-hx, top - 0.18, -hz], [hx, top, -hz + board])))
     return parts
 
 
-def _shelf(a: dict, rng: np.random.Generator) -> list[trimesh.Trimesh]:
+def _shelf(a: dict, rng: np.random.Generator, thin: float) -> list[Part]:
     levels = _COUNT_WORDS[a["levels"]]
     width = rng.uniform(1.0, 1.15) if a["width"] == "wide" else rng.uniform(0.5, 0.6)
-    depth, level_h, board = rng.uniform(0.28, 0.34), rng.uniform(0.3, 0.34), 0.03
+    depth, level_h, board = rng.uniform(0.28, 0.34), rng.uniform(0.3, 0.34), max(0.03, thin)
     hx, hz = width / 2, depth / 2
     height = levels * level_h + board
-    parts = [_box([x, 0.0, -hz], [x + board, height, hz]) for x in (-hx, hx - board)]
+    parts = [("side", _box([x, 0.0, -hz], [x + board, height, hz])) for x in (-hx, hx - board)]
     for k in range(levels + 1):
         y = k * level_h
-        parts.append(_box([-hx, y, -hz], [hx, y + board, hz]))
+        parts.append(("board", _box([-hx, y, -hz], [hx, y + board, hz])))
     if a["back"] == "yes":
-        parts.append(_box([-hx, 0.0, -hz], [hx, height, -hz + 0.015]))
+        parts.append(("back", _box([-hx, 0.0, -hz], [hx, height, -hz + max(0.015, thin)])))
     return parts
 
 
-def _lamp(a: dict, rng: np.random.Generator) -> list[trimesh.Trimesh]:
+def _lamp(a: dict, rng: np.random.Generator, thin: float) -> list[Part]:
     tall = a["height"] == "tall"
     height = rng.uniform(1.4, 1.6) if tall else rng.uniform(0.48, 0.56)
     shade_h = rng.uniform(0.3, 0.36) if tall else rng.uniform(0.2, 0.24)
     shade_r = rng.uniform(0.2, 0.24) if tall else rng.uniform(0.15, 0.18)
     base = rng.uniform(0.16, 0.2) if tall else rng.uniform(0.11, 0.13)
+    base_h = max(0.04, thin)
     top_r = 0.4 * shade_r if a["shade"] == "cone" else shade_r
     y0 = height - shade_h
     parts = [
-        _lathe([[0, y0], [shade_r, y0], [top_r, height], [0, height]], sections=32),
-        # The pole is thick enough to survive normalization and a 64³ grid on a floor lamp.
-        _post(0.03 if tall else 0.015, 0.0, y0 + 0.3 * shade_h),
+        ("shade", _lathe([[0, y0], [shade_r, y0], [top_r, height], [0, height]], sections=32)),
+        ("pole", _post(max(0.03 if tall else 0.015, thin / 2), 0.0, y0 + 0.3 * shade_h)),
     ]
     if a["base"] == "round":
-        parts.append(_post(base, 0.0, 0.04, sections=32))
+        parts.append(("base", _post(base, 0.0, base_h, sections=32)))
     else:
-        parts.append(_box([-base, 0.0, -base], [base, 0.04, base]))
+        parts.append(("base", _box([-base, 0.0, -base], [base, base_h, base])))
     return parts
 
 
-def _vase(a: dict, rng: np.random.Generator) -> list[trimesh.Trimesh]:
+def _vase(a: dict, rng: np.random.Generator, thin: float) -> list[Part]:
     radius = rng.uniform(0.22, 0.26)
     height = rng.uniform(0.75, 0.85) if a["height"] == "tall" else rng.uniform(0.38, 0.44)
     if a["shape"] == "bulbous":
@@ -328,7 +344,7 @@ def _vase(a: dict, rng: np.random.Generator) -> list[trimesh.Trimesh]:
         knots_t, knots_r = [0, 0.5, 0.85, 1.0], [0.42, 0.38, 0.36, 0.45]
     t = np.linspace(0.0, 1.0, 17)
     r = radius * np.interp(t, knots_t, knots_r) * rng.uniform(0.95, 1.05)
-    wall, mouth_depth = 0.025, 0.15 * height
+    wall, mouth_depth = max(0.025, thin), 0.15 * height
     outer = np.stack([r, t * height], -1)
     profile = np.concatenate(
         [
@@ -337,29 +353,29 @@ def _vase(a: dict, rng: np.random.Generator) -> list[trimesh.Trimesh]:
             [[r[-1] - wall, height], [r[-1] - wall, height - mouth_depth], [0.0, height - mouth_depth]],
         ]
     )
-    parts = [_lathe(profile, sections=32)]
+    parts = [("body", _lathe(profile, sections=32))]
     if a["handles"] == "yes":
         t_top, t_bot = 0.85, 0.55
-        top = (np.interp(t_top, t, r) - wall, t_top * height)
-        bottom = (np.interp(t_bot, t, r) - wall, t_bot * height)
-        handle = _handle(top, bottom, reach=0.04 + 0.08 * height, radius=0.018)
-        parts += [handle, _mirror_x(handle)]
+        top = (np.interp(t_top, t, r) - 0.025, t_top * height)
+        bottom = (np.interp(t_bot, t, r) - 0.025, t_bot * height)
+        handle = _handle(top, bottom, reach=0.04 + 0.08 * height, radius=max(0.018, thin / 2))
+        parts += [("handle", handle), ("handle", _mirror_x(handle))]
     return parts
 
 
-def _mug(a: dict, rng: np.random.Generator) -> list[trimesh.Trimesh]:
+def _mug(a: dict, rng: np.random.Generator, thin: float) -> list[Part]:
     radius = rng.uniform(0.23, 0.26)
     height = rng.uniform(0.6, 0.66) if a["height"] == "tall" else rng.uniform(0.3, 0.34)
-    wall, floor = 0.025, 0.03
+    wall, floor = max(0.025, thin), max(0.03, thin)
     inner = radius - wall
-    parts = [_lathe([[0, 0], [radius, 0], [radius, height], [inner, height], [inner, floor], [0, floor]])]
+    parts = [("body", _lathe([[0, 0], [radius, 0], [radius, height], [inner, height], [inner, floor], [0, floor]]))]
     if a["handle"] == "yes":
         top, bottom = (radius - wall / 2, 0.82 * height), (radius - wall / 2, 0.22 * height)
-        parts.append(_handle(top, bottom, reach=0.1 + 0.15 * height, radius=0.025))
+        parts.append(("handle", _handle(top, bottom, reach=0.1 + 0.15 * height, radius=max(0.025, thin / 2))))
     return parts
 
 
-def _sofa(a: dict, rng: np.random.Generator) -> list[trimesh.Trimesh]:
+def _sofa(a: dict, rng: np.random.Generator, thin: float) -> list[Part]:
     seats = _COUNT_WORDS[a["seats"]]
     seat_w = rng.uniform(0.6, 0.68)
     depth, base_y, seat_y = rng.uniform(0.8, 0.9), 0.08, rng.uniform(0.4, 0.44)
@@ -367,48 +383,50 @@ def _sofa(a: dict, rng: np.random.Generator) -> list[trimesh.Trimesh]:
     hx, hz = seats * seat_w / 2, depth / 2
     arm = 0.18 if a["arms"] == "yes" else 0.0
     parts = [
-        _box([-hx - arm, base_y, -hz], [hx + arm, seat_y - 0.1, hz]),
-        _box([-hx - arm, base_y, -hz], [hx + arm, back_top, -hz + 0.2]),
+        ("base", _box([-hx - arm, base_y, -hz], [hx + arm, seat_y - 0.1, hz])),
+        ("back", _box([-hx - arm, base_y, -hz], [hx + arm, back_top, -hz + 0.2])),
     ]
     # One cushion per seat with a gap between them, so the seat count shows beyond the width.
     for k in range(seats):
         x0 = -hx + k * seat_w
-        parts.append(_box([x0 + 0.015, seat_y - 0.1, -hz + 0.2], [x0 + seat_w - 0.015, seat_y, hz]))
+        parts.append(("cushion", _box([x0 + 0.015, seat_y - 0.1, -hz + 0.2], [x0 + seat_w - 0.015, seat_y, hz])))
     if arm:
         for x in (-hx - arm, hx):
-            parts.append(_box([x, base_y, -hz], [x + arm, seat_y + 0.2, hz]))
+            parts.append(("armrest", _box([x, base_y, -hz], [x + arm, seat_y + 0.2, hz])))
+    # Feet: too short to break off, so not among THIN_PARTS.
     for x in (-hx - arm + 0.06, hx + arm - 0.06):
         for z in (-hz + 0.06, hz - 0.06):
-            parts.append(_post(0.03, 0.0, base_y + 0.01, x, z, sections=12))
+            parts.append(("foot", _post(max(0.03, thin / 2), 0.0, base_y + 0.01, x, z, sections=12)))
     return parts
 
 
-def _bed(a: dict, rng: np.random.Generator) -> list[trimesh.Trimesh]:
+def _bed(a: dict, rng: np.random.Generator, thin: float) -> list[Part]:
     width = rng.uniform(0.9, 1.0) if a["size"] == "single" else rng.uniform(1.5, 1.65)
     length = rng.uniform(1.95, 2.1)
     frame_y, top_y = 0.3, rng.uniform(0.48, 0.52)
     hx, hz = width / 2, length / 2
     parts = [
-        _box([-hx, 0.1, -hz], [hx, frame_y, hz]),
-        _box([-hx + 0.03, frame_y, -hz + 0.03], [hx - 0.03, top_y, hz - 0.03]),
+        ("frame", _box([-hx, 0.1, -hz], [hx, frame_y, hz])),
+        ("mattress", _box([-hx + 0.03, frame_y, -hz + 0.03], [hx - 0.03, top_y, hz - 0.03])),
     ]
     pillows = 1 if a["size"] == "single" else 2
     pillow_w = (width - 0.2) / pillows
     for k in range(pillows):
         x0 = -hx + 0.1 + k * pillow_w
         lo, hi = [x0 + 0.03, top_y - 0.02, -hz + 0.08], [x0 + pillow_w - 0.03, top_y + 0.1, -hz + 0.4]
-        parts.append(_box(lo, hi))
+        parts.append(("pillow", _box(lo, hi)))
     for x in (-hx + 0.05, hx - 0.05):
         for z in (-hz + 0.05, hz - 0.05):
-            parts.append(_box([x - 0.04, 0.0, z - 0.04], [x + 0.04, 0.12, z + 0.04]))
+            parts.append(("foot", _box([x - 0.04, 0.0, z - 0.04], [x + 0.04, 0.12, z + 0.04])))
+    board = max(0.06, thin)
     if a["headboard"] == "yes":
-        parts.append(_box([-hx, 0.0, -hz - 0.06], [hx, rng.uniform(0.95, 1.05), -hz]))
+        parts.append(("headboard", _box([-hx, 0.0, -hz - board], [hx, rng.uniform(0.95, 1.05), -hz])))
     if a["footboard"] == "yes":
-        parts.append(_box([-hx, 0.0, hz], [hx, rng.uniform(0.6, 0.65), hz + 0.06]))
+        parts.append(("footboard", _box([-hx, 0.0, hz], [hx, rng.uniform(0.6, 0.65), hz + board])))
     return parts
 
 
-_BUILDERS: dict[str, Callable[[dict, np.random.Generator], list[trimesh.Trimesh]]] = {
+_BUILDERS: dict[str, Callable[[dict, np.random.Generator, float], list[Part]]] = {
     "table": _table,
     "chair": _chair,
     "stool": _stool,
@@ -456,8 +474,13 @@ def captions_for(category: str, attributes: dict[str, str]) -> list[str]:
 # ---------------------------------------------------------------- public
 
 
-def build_mesh(category: str, attributes: dict[str, str], rng: np.random.Generator) -> trimesh.Trimesh:
-    """One shape with the given attributes (all of ATTRIBUTES[category]); `rng` draws the jitter."""
+def build_parts(category: str, attributes: dict[str, str], rng: np.random.Generator, min_width: float = 0.0) -> list[Part]:
+    """The named parts of one shape with the given attributes (all of ATTRIBUTES[category]).
+
+    `rng` draws the jitter. `min_width`: the smallest width of any part, as a fraction of the
+    shape's longest side (0: the nominal proportions); the shape is built again with thicker parts
+    from the same jitter until they meet it.
+    """
     if category not in ATTRIBUTES:
         raise ShapekilnError(f"unknown synthetic category {category!r}; choose from {', '.join(CATEGORIES)}")
     for name, allowed in ATTRIBUTES[category].items():
@@ -466,7 +489,24 @@ def build_mesh(category: str, attributes: dict[str, str], rng: np.random.Generat
                 f"synthetic {category}: attribute {name!r} must be one of {allowed}, "
                 f"got {attributes.get(name)!r}"
             )
-    parts = _BUILDERS[category](attributes, rng)
+    if not 0 <= min_width < 0.2:
+        raise ShapekilnError(f"min_width must be in [0, 0.2) of the longest side, got {min_width}")
+    state = rng.bit_generator.state
+    parts = _BUILDERS[category](attributes, rng, 0.0)
+    thin = 0.0
+    for _ in range(4):  # thicker parts may lengthen the longest side a little: converge on it
+        wanted = min_width * _longest_side(parts)
+        if wanted <= thin:
+            break
+        thin = wanted * 1.01
+        rng.bit_generator.state = state
+        parts = _BUILDERS[category](attributes, rng, thin)
+    return parts
+
+
+def build_mesh(category: str, attributes: dict[str, str], rng: np.random.Generator, min_width: float = 0.0) -> trimesh.Trimesh:
+    """One shape with the given attributes as one mesh of (overlapping) closed parts; see build_parts."""
+    parts = [mesh for _, mesh in build_parts(category, attributes, rng, min_width)]
     offsets = np.cumsum([0] + [len(p.vertices) for p in parts[:-1]])
     vertices = np.concatenate([p.vertices for p in parts])
     faces = np.concatenate([p.faces + offset for p, offset in zip(parts, offsets)])
@@ -474,18 +514,54 @@ def build_mesh(category: str, attributes: dict[str, str], rng: np.random.Generat
     return trimesh.Trimesh(vertices, faces, vertex_colors=colors, process=False)
 
 
+def _longest_side(parts: list[Part]) -> float:
+    vertices = np.concatenate([mesh.vertices for _, mesh in parts])
+    return float((vertices.max(axis=0) - vertices.min(axis=0)).max())
+
+
+# Below this a grid cannot hold the thin parts at 1.5 voxels and still show what they are (a 16³ lamp's
+# pole is then already 0.19 of its height).
+MIN_THIN_RESOLUTION = 16
+
+
 class SyntheticSource:
-    """`count` procedural shapes; shape i is a pure function of (seed, i)."""
+    """`count` procedural shapes; shape i is a pure function of (seed, i) and the grid it is built for.
+
+    `resolution`: the grid the shapes will be prepared at; then every part is at least
+    `part_voxels` voxels wide there (after normalization to `extent`), so thin legs, poles and
+    handles stay whole. None keeps the nominal proportions, whatever the grid.
+    """
 
     name = "synthetic"
 
-    def __init__(self, count: int, seed: int = 0):
+    def __init__(self, count: int, seed: int = 0, resolution: int | None = None, part_voxels: float = 1.5,
+                 extent: float = 0.8):
         if count < 0 or seed < 0:
             raise ShapekilnError(
                 f"synthetic source needs count >= 0 and seed >= 0, got count={count}, seed={seed}"
             )
+        if resolution is not None and resolution < MIN_THIN_RESOLUTION:
+            raise ShapekilnError(
+                f"synthetic shapes keep their thin parts (legs, poles, handles) only at resolution >= "
+                f"{MIN_THIN_RESOLUTION}, got {resolution}"
+            )
+        if not 0 <= part_voxels <= 4 or not 0 < extent <= 1:
+            raise ShapekilnError(f"part_voxels must be in [0, 4] and extent in (0, 1], got {part_voxels}, {extent}")
         self.count = int(count)
         self.seed = int(seed)
+        self.resolution = resolution
+        self.part_voxels = float(part_voxels)
+        # A width w of the longest side L spans w / L · 2·extent of [-1, 1], i.e. w / L · extent · R voxels.
+        self.min_width = 0.0 if resolution is None else self.part_voxels / (extent * resolution)
+
+    def args(self) -> dict:
+        """What defines this source (recorded in dataset.json; `from_args` rebuilds it)."""
+        return {"count": self.count, "seed": self.seed, "resolution": self.resolution, "part_voxels": self.part_voxels}
+
+    @classmethod
+    def from_args(cls, args: dict, extent: float = 0.8) -> "SyntheticSource":
+        return cls(args["count"], seed=args.get("seed", 0), resolution=args.get("resolution"),
+                   part_voxels=args.get("part_voxels", 1.5), extent=extent)
 
     def items(self) -> Iterator[int]:
         return iter(range(self.count))
@@ -512,9 +588,14 @@ class SyntheticSource:
             attributes[name] = values[index]
         return category, attributes
 
+    def parts(self, item: int) -> list[Part]:
+        """Shape `item`'s named parts, before normalization (the structure metric's part list)."""
+        category, attributes = self.describe(item)
+        return build_parts(category, attributes, np.random.default_rng([self.seed, 2, item]), self.min_width)
+
     def load(self, item: int) -> ShapeRecord:
         category, attributes = self.describe(item)
-        mesh = build_mesh(category, attributes, np.random.default_rng([self.seed, 2, item]))
+        mesh = build_mesh(category, attributes, np.random.default_rng([self.seed, 2, item]), self.min_width)
         return ShapeRecord(
             id=self.item_id(item),
             mesh=mesh,

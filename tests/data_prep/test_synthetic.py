@@ -264,3 +264,72 @@ def test_every_full_caption_says_every_attribute(category):
         for value in values[1:]:
             changed = captions_for(category, {**base, name: value})
             assert all(c != r for c, r in zip(changed[:3], reference[:3])), (name, value)
+
+
+# ---------------------------------------------------------------- thin parts kept at the grid they are built for
+
+
+def _thin_masks(source, item, transform, resolution):
+    from shapekiln.data_prep.sources.synthetic import THIN_PARTS
+    from shapekiln.metrics import part_voxels
+
+    return [part_voxels(part.copy().apply_transform(transform), resolution)
+            for name, part in source.parts(item) if name in THIN_PARTS]
+
+
+@pytest.mark.parametrize("resolution", [16, 32])
+def test_shapes_built_for_a_grid_are_one_piece_with_every_thin_part_there(resolution):
+    from shapekiln.data_prep.process import normalize
+    from shapekiln.data_prep.tsdf import compute_tsdf
+    from shapekiln.metrics import parts_present, structure
+
+    source = SyntheticSource(N_CAT * 3, seed=4, resolution=resolution)
+    thin_parts = 0
+    for i in source.items():
+        mesh, transform = normalize(source.load(i).mesh, 0.8)
+        tsdf = compute_tsdf(mesh.vertices, mesh.faces, resolution, 0.2)
+        assert structure(tsdf)["pieces"] == 1, source.describe(i)
+        masks = _thin_masks(source, i, transform, resolution)
+        assert all(parts_present(masks, tsdf, tolerance=0)), source.describe(i)
+        thin_parts += len(masks)
+    assert thin_parts >= 2 * N_CAT  # legs, poles, handles, arms, spokes: the check had parts to check
+
+
+def test_the_nominal_shapes_lose_thin_parts_at_16_cubed():
+    # The reason for building shapes for their grid: the same shapes at their nominal proportions break.
+    from shapekiln.data_prep.process import normalize
+    from shapekiln.data_prep.tsdf import compute_tsdf
+    from shapekiln.metrics import parts_present
+
+    source = SyntheticSource(N_CAT * 2, seed=4)
+    present = []
+    for i in source.items():
+        mesh, transform = normalize(source.load(i).mesh, 0.8)
+        present += parts_present(_thin_masks(source, i, transform, 16), compute_tsdf(mesh.vertices, mesh.faces, 16, 0.2), tolerance=0)
+    assert np.mean(present) < 0.6
+
+
+def test_thin_parts_are_at_least_the_asked_width_and_the_jitter_is_kept():
+    nominal, built = SyntheticSource(N_CAT, seed=9), SyntheticSource(N_CAT, seed=9, resolution=32)
+    assert built.min_width == pytest.approx(1.5 / (0.8 * 32))
+    for i in nominal.items():
+        assert nominal.describe(i) == built.describe(i)
+        thin_parts = [(name, part) for name, part in built.parts(i) if name in ("leg", "pole", "spoke", "handle")]
+        longest = np.ptp(built.load(i).mesh.vertices, axis=0).max()
+        for name, part in thin_parts:
+            # A rod's width across its flats: cos(π/8) of its diameter for the 8-sided spokes.
+            obb = part.bounding_box_oriented.primitive.extents
+            assert np.sort(obb)[0] >= 0.92 * built.min_width * longest, (built.describe(i), name)
+        # Same draws: the overall size moves only by the thicker parts.
+        assert np.ptp(nominal.load(i).mesh.vertices, axis=0).max() == pytest.approx(longest, rel=0.1)
+
+
+def test_a_grid_too_coarse_for_thin_parts_is_refused():
+    with pytest.raises(ShapekilnError, match="resolution >= 16"):
+        SyntheticSource(4, resolution=8)
+    with pytest.raises(ShapekilnError, match="part_voxels"):
+        SyntheticSource(4, resolution=32, part_voxels=-1)
+    with pytest.raises(ShapekilnError, match="min_width"):
+        build_mesh("mug", {"height": "tall", "handle": "yes", "color": "red"}, np.random.default_rng(0), min_width=0.5)
+    rebuilt = SyntheticSource.from_args(SyntheticSource(4, seed=2, resolution=32).args())
+    assert rebuilt.args() == {"count": 4, "seed": 2, "resolution": 32, "part_voxels": 1.5}
