@@ -168,7 +168,7 @@ def main() -> None:
     data = args.out / "data"
     prep_config = load_config(PrepConfig, args.config, "data")
     started = time.perf_counter()
-    source = SyntheticSource(args.count, resolution=prep_config.resolution, extent=prep_config.extent)
+    source = SyntheticSource.for_config(args.count, prep_config)
     summary = run_prep(source, prep_config, data, workers=os.cpu_count() or 1, progress=False, source_args=source.args())
     seconds = time.perf_counter() - started
     report("prep", {"shapes": summary.written, "seconds": seconds, "shapes_per_s": summary.written / seconds,

@@ -61,7 +61,7 @@ def main() -> None:
     if args.data is None:
         started = time.perf_counter()
         prep_config = load_config(PrepConfig, "small", "data")
-        source = SyntheticSource(args.count, resolution=prep_config.resolution, extent=prep_config.extent)
+        source = SyntheticSource.for_config(args.count, prep_config)
         summary = run_prep(source, prep_config, data, workers=2, progress=False, source_args=source.args())
         print(f"{summary.line(data)} ({time.perf_counter() - started:.0f} s)")
     config = load_config(VQVAEConfig, args.config, "vqvae")

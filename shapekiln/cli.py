@@ -257,8 +257,7 @@ def _build_source(args: argparse.Namespace, config: Any) -> tuple[Any, dict[str,
 
         if args.count < 1:
             raise ShapekilnError(f"--count must be at least 1, got {args.count}")
-        resolution = config.resolution if args.part_voxels > 0 else None
-        source = SyntheticSource(args.count, seed=args.seed, resolution=resolution, part_voxels=args.part_voxels, extent=config.extent)
+        source = SyntheticSource.for_config(args.count, config, seed=args.seed, part_voxels=args.part_voxels)
         return source, source.args()
     if args.source == "folder":
         from shapekiln.data_prep.sources.folder import FolderSource

@@ -41,7 +41,7 @@ def quickstart(out: Path, count: int = 1000, workers: int = 2, vqvae_steps: int 
     data, latents = out / "data", out / "latents"
     _stage("prep", started)
     prep_config = load_config(PrepConfig, config, "data")
-    source = SyntheticSource(count, seed=0, resolution=prep_config.resolution, extent=prep_config.extent)
+    source = SyntheticSource.for_config(count, prep_config)
     summary = run_prep(source, prep_config, data, workers=workers, progress=progress, source_args=source.args())
     print(summary.line(data))
 

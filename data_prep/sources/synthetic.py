@@ -554,6 +554,13 @@ class SyntheticSource:
         # A width w of the longest side L spans w / L · 2·extent of [-1, 1], i.e. w / L · extent · R voxels.
         self.min_width = 0.0 if resolution is None else self.part_voxels / (extent * resolution)
 
+    @classmethod
+    def for_config(cls, count: int, config, seed: int = 0, part_voxels: float = 1.5) -> "SyntheticSource":
+        """`count` shapes built for a PrepConfig's grid (its resolution and extent); part_voxels 0 keeps the
+        nominal proportions."""
+        resolution = config.resolution if part_voxels > 0 else None
+        return cls(count, seed=seed, resolution=resolution, part_voxels=part_voxels, extent=config.extent)
+
     def args(self) -> dict:
         """What defines this source (recorded in dataset.json; `from_args` rebuilds it)."""
         return {"count": self.count, "seed": self.seed, "resolution": self.resolution, "part_voxels": self.part_voxels}
