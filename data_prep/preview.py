@@ -53,6 +53,8 @@ def contact_sheet(samples: list[dict], path: str | os.PathLike, views_per_row: i
 
     `views` is (K, H, W, 4) uint8 RGBA; the first `views_per_row` are shown over white.
     """
+    from shapekiln.metrics import structure
+
     if not samples:
         raise ShapekilnError("contact_sheet needs at least one sample")
     path = Path(path)
@@ -63,7 +65,9 @@ def contact_sheet(samples: list[dict], path: str | os.PathLike, views_per_row: i
 
     for row, sample in enumerate(samples):
         top = row * cell
-        sheet.paste(_label(f"{sample['id']}: {sample['caption']}", LABEL_CELLS * cell, cell), (0, top))
+        pieces = structure(sample["tsdf"])["pieces"]  # a shape in pieces says so beside its caption
+        label = f"{sample['id']}: {sample['caption']}" + ("" if pieces == 1 else f" [{pieces} pieces]")
+        sheet.paste(_label(label, LABEL_CELLS * cell, cell), (0, top))
         x = LABEL_CELLS * cell
         for view in np.asarray(sample["views"])[:views_per_row]:
             sheet.paste(_over_white(view).resize((cell, cell), Image.BILINEAR), (x, top))

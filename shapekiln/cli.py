@@ -296,6 +296,20 @@ def _run_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _structure_line(data: Path, grids: list, ids: list[str]) -> str:
+    """One line on whether the shown shapes hold together: one-piece fraction, floaters, thin parts present."""
+    from shapekiln.evaluate import DatasetParts, structure_figures
+
+    dataset_parts = DatasetParts.for_data(data)
+    parts = None if dataset_parts is None else [dataset_parts.masks(shape_id) for shape_id in ids]
+    figures = structure_figures(grids, parts, "shown")
+    line = (f"structure: {round(figures['shown_one_piece'] * len(grids))} of {len(grids)} shown shapes are one piece "
+            f"(mean {figures['shown_pieces_mean']:.2f} pieces, {100 * figures['shown_floaters_mean']:.1f}% of the inside in floaters)")
+    if "shown_thin_parts_present" in figures:
+        line += f"; thin parts present {100 * figures['shown_thin_parts_present']:.1f}% of {figures['shown_thin_parts']}"
+    return line
+
+
 def _write_preview(data: Path, split: str, count: int, out: Path) -> Path:
     import itertools
 
@@ -311,6 +325,8 @@ def _write_preview(data: Path, split: str, count: int, out: Path) -> Path:
             "views": sample["views"].permute(0, 2, 3, 1).numpy(),  # (K, H, W, 4)
             "tsdf": sample["tsdf"][0].numpy(),
         })
+    if samples:
+        print(_structure_line(data, [sample["tsdf"] for sample in samples], [sample["id"] for sample in samples]))
     try:
         return contact_sheet(samples, out)
     except OSError as error:

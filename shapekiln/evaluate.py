@@ -21,7 +21,9 @@ from shapekiln.metrics import (
     mmd_cov,
     occupancy_iou,
     one_nna,
+    pairwise_chamfer,
     reconstruction_metrics,
+    structure_summary,
     surface_points,
     total_mutual_difference,
     unidirectional_hausdorff,
@@ -30,21 +32,73 @@ from shapekiln.models.io import load_pretrained
 from shapekiln.models.vqvae import VQVAE
 
 
+# ---------------------------------------------------------------- structure: is each shape one piece, are its thin parts there?
+
+# Thin parts count as present in reconstructions and samples when they lie within this many voxels of the
+# shape's largest piece (`shapekiln.metrics.parts_present`); the data's own figure uses the same rule.
+PART_TOLERANCE = 1
+
+
+class DatasetParts:
+    """The thin-part voxel masks (legs, poles, handles, arms) of a prepared synthetic dataset's shapes, rebuilt
+    from the source recorded in its dataset.json: `masks(shape_id)`, a list of (R, R, R) bool. Built with
+    `for_data`, which gives None where the part list is not known (real meshes)."""
+
+    def __init__(self, source: Any, resolution: int, extent: float):
+        self.source, self.resolution, self.extent = source, resolution, extent
+        self._masks: dict[str, list[np.ndarray]] = {}
+
+    @classmethod
+    def for_data(cls, data: str | Path) -> "DatasetParts | None":
+        from shapekiln.data_prep.sources.synthetic import SyntheticSource
+
+        try:
+            description = json.loads((Path(data) / "dataset.json").read_text())
+        except (OSError, ValueError):
+            return None
+        if description.get("source") != "synthetic" or "count" not in description.get("source_args", {}):
+            return None
+        config = description.get("config", {})
+        source = SyntheticSource.from_args(description["source_args"], extent=config.get("extent", 0.8))
+        return cls(source, int(config["resolution"]), float(config.get("extent", 0.8)))
+
+    def masks(self, shape_id: str) -> list[np.ndarray]:
+        if shape_id not in self._masks:
+            item = int(shape_id.rsplit("-", 1)[-1])
+            self._masks[shape_id] = self.source.thin_part_masks(item, self.resolution, self.extent)
+        return self._masks[shape_id]
+
+
+def structure_figures(grids: list[np.ndarray], parts: list[list[np.ndarray]] | None, prefix: str) -> dict[str, float]:
+    """`structure_summary` of a set, its keys prefixed (e.g. "reconstruction_one_piece")."""
+    summary = structure_summary(grids, parts, tolerance=PART_TOLERANCE)
+    return {f"{prefix}_{key}": value for key, value in summary.items()}
+
+
 @torch.no_grad()
 def evaluate_vqvae(ckpt: str | Path, data: str | Path, split: str = "test", batch_size: int = 8, points: int = 32768,
                    limit: int | None = None, threshold: float = 0.01, progress: bool = True) -> dict[str, Any]:
-    """Reconstruct every shape of a split; mean IoU, Chamfer-L1/L2 and F-score (unit cube) and codebook use."""
+    """Reconstruct every shape of a split; mean IoU, Chamfer-L1/L2 and F-score (unit cube) and codebook use; the
+    structure of the reconstructions beside the data's (`reconstruction_*` / `data_*`: one-piece fraction, mean
+    pieces and floater share, and for synthetic data the fraction of thin parts present)."""
     model = load_pretrained(VQVAE, ckpt).eval()
     check_dataset(data, model.config.resolution, model.config.tau)
     dataset = ShapeShards(list_shards(data, split), resolution=model.config.resolution)
+    dataset_parts = DatasetParts.for_data(data)
     rows: list[dict[str, float]] = []
     codes: list[np.ndarray] = []
+    # Structure of the data and of its reconstructions, from per-shape figures (no grids kept).
+    data_structure: list[dict[str, float]] = []
+    reconstruction_structure: list[dict[str, float]] = []
     bar = tqdm(desc="eval vqvae", unit="shape", total=limit, disable=not progress)
     for batch in make_loader(dataset, batch_size=batch_size):
         output = model(batch["tsdf"])
         codes.append(output.indices.numpy())
-        for target, predicted in zip(batch["tsdf"][:, 0].numpy(), output.reconstruction[:, 0].numpy()):
+        for shape_id, target, predicted in zip(batch["id"], batch["tsdf"][:, 0].numpy(), output.reconstruction[:, 0].numpy()):
             rows.append(reconstruction_metrics(predicted, target, points, seed=len(rows), threshold=threshold))
+            parts = None if dataset_parts is None else [dataset_parts.masks(shape_id)]
+            data_structure.append(structure_summary([target], parts, PART_TOLERANCE))
+            reconstruction_structure.append(structure_summary([predicted], parts, PART_TOLERANCE))
             bar.update(1)
             if limit is not None and len(rows) >= limit:
                 break
@@ -54,7 +108,20 @@ def evaluate_vqvae(ckpt: str | Path, data: str | Path, split: str = "test", batc
     usage, perplexity = codebook_usage(np.concatenate(codes), model.config.codebook_size)
     summary = {key: float(np.mean([row[key] for row in rows])) for key in rows[0]}
     return {"shapes": len(rows), "split": split, **summary, "f_score_threshold": threshold,
-            "codebook_usage": usage, "codebook_perplexity": perplexity, "codebook_size": model.config.codebook_size}
+            "codebook_usage": usage, "codebook_perplexity": perplexity, "codebook_size": model.config.codebook_size,
+            **_merge_structure(reconstruction_structure, "reconstruction"), **_merge_structure(data_structure, "data")}
+
+
+def _merge_structure(rows: list[dict[str, float]], prefix: str) -> dict[str, float]:
+    """Per-shape `structure_summary` rows (one grid each) merged into the set's figures, keys prefixed."""
+    merged = {f"{prefix}_{key}": float(np.mean([row[key] for row in rows])) for key in ("one_piece", "pieces_mean", "floaters_mean")}
+    if "thin_parts" in rows[0]:
+        total = sum(row["thin_parts"] for row in rows)
+        present = sum(row.get("thin_parts_present", 0.0) * row["thin_parts"] for row in rows)
+        merged[f"{prefix}_thin_parts"] = int(total)
+        if total:
+            merged[f"{prefix}_thin_parts_present"] = present / total
+    return merged
 
 
 # ---------------------------------------------------------------- latent diffusion (`shapekiln eval ldm`)
@@ -92,7 +159,10 @@ def evaluate_ldm(
         measure shape quality rather than the drift of the prior between dataset mixes), else
         unconditional. MMD-CD, COV-CD and 1-NNA-CD (`shapekiln.metrics`), Chamfer-L1 in unit-cube
         units on `points` surface points per shape (2048 keeps the pairwise matrices fast; two
-        samplings of one surface then differ by about 0.01, the floor of MMD).
+        samplings of one surface then differ by about 0.01, the floor of MMD). Structure of the raw
+        samples beside the references' (`generation_*` / `reference_*`): the fraction that is one
+        26-connected piece, mean pieces and floater share, and for synthetic data the fraction of
+        thin parts present (those of the nearest reference with the asked category and attributes).
     text attributes (needs `classifier_dir` and synthetic data): `prompts` prompts made of attribute
         combinations (the first caption form of `captions_for`, every category in turn), with
         `samples_per_prompt` samples each, read by the attribute classifier: category, attribute
@@ -100,6 +170,7 @@ def evaluate_ldm(
         With 2 or more samples per prompt, their diversity: TMD over each prompt's samples
         (`text_tmd`), beside the TMD of as many prepared shapes sharing the prompt's attributes
         (`text_data_tmd`): a model that makes one mean shape per prompt scores far below the data.
+        `text_one_piece`: the fraction of these samples that is one piece.
     completion (`completion_count` shapes, `completions` each): the shape is kept on one side of a
         plane (`keeps`, by turns) and completed in each mode the pipeline can run ("learned" needs
         the partial modality; "inpaint" needs none). UHD from the kept part of the ground-truth
@@ -133,7 +204,7 @@ def evaluate_ldm(
                               "scheduler": scheduler or pipeline.config.scheduler}
 
     if count:
-        result.update(_generation_metrics(sampler, references[:count], generation, points, seed, notes))
+        result.update(_generation_metrics(sampler, references[:count], generation, points, seed, notes, DatasetParts.for_data(data)))
     result.update(_text_attribute_metrics(sampler, data, split, classifier_dir, prompts, samples_per_prompt, points, seed, device, notes))
     if completion_count:
         result.update(_completion_metrics(sampler, references[:completion_count], completions, keeps, points, tau, seed, notes))
@@ -187,7 +258,7 @@ def _read_split(data: str | Path, split: str, count: int, views: bool, resolutio
 
 
 def _generation_metrics(sampler: _TimedSampler, references: list[dict[str, Any]], generation: str, points: int,
-                        seed: int, notes: list[str]) -> dict[str, Any]:
+                        seed: int, notes: list[str], dataset_parts: DatasetParts | None = None) -> dict[str, Any]:
     if generation not in ("text", "unconditional"):
         raise ShapekilnError(f"generation must be 'text' or 'unconditional', got {generation!r}")
     if len(references) < 2:
@@ -211,7 +282,33 @@ def _generation_metrics(sampler: _TimedSampler, references: list[dict[str, Any]]
         "1nna_cd": one_nna(generated_points, reference_points),
         "generation_empty": sum(len(p) == 0 for p in generated_points),
         "generation_seconds_per_shape": (sampler.seconds - start) / len(references),
+        **_generation_structure(generated, references, generated_points, reference_points, dataset_parts,
+                                conditioned=generation == "text"),
     }
+
+
+def _generation_structure(generated: list[Any], references: list[dict[str, Any]], generated_points: list[np.ndarray],
+                          reference_points: list[np.ndarray], dataset_parts: DatasetParts | None,
+                          conditioned: bool) -> dict[str, float]:
+    """Structure of the raw samples beside that of the reference shapes. A sample's thin parts are those of
+    its nearest reference (Chamfer) among the ones with the same category and attributes as the reference
+    it was conditioned on (for unconditional samples: the nearest reference of all)."""
+    reference_grids = [reference["tsdf"] for reference in references]
+    if dataset_parts is None:
+        return {**structure_figures([shape.tsdf for shape in generated], None, "generation"),
+                **structure_figures(reference_grids, None, "reference")}
+    reference_parts = [dataset_parts.masks(reference["id"]) for reference in references]
+    distances = pairwise_chamfer(generated_points, reference_points)  # (G, R)
+    sample_parts = []
+    for k, row in enumerate(distances):
+        same = range(len(references))
+        if conditioned:  # sample k was asked for reference k's caption
+            asked = (references[k]["category"], references[k]["attributes"])
+            same = [j for j, reference in enumerate(references) if (reference["category"], reference["attributes"]) == asked]
+        nearest = min(same, key=lambda j: row[j])
+        sample_parts.append(reference_parts[nearest])
+    return {**structure_figures([shape.tsdf for shape in generated], sample_parts, "generation"),
+            **structure_figures(reference_grids, reference_parts, "reference")}
 
 
 def text_attribute_prompts(attributes: dict[str, dict[str, list[str]]], count: int, seed: int = 0) -> list[tuple[str, dict[str, str]]]:
@@ -261,10 +358,11 @@ def _text_attribute_metrics(sampler: _TimedSampler, data: str | Path, split: str
     if classifier.config.resolution != made.resolution or abs(classifier.config.tau - made.tau) > 1e-9:
         raise ShapekilnError(f"the attribute classifier in {classifier_dir} reads {classifier.config.resolution}³ grids truncated at "
                              f"{classifier.config.tau}, but the pipeline makes {made.resolution}³ ones at {made.tau}; train one on this data")
-    predictions, targets, diversity = [], [], []
+    predictions, targets, diversity, grids = [], [], [], []
     pairs = text_attribute_prompts(classifier.attributes, prompts, seed)
     for k, (prompt, target) in enumerate(pairs):
         shapes = sampler(samples_per_prompt, seed + k, text=prompt)
+        grids += [shape.tsdf for shape in shapes]
         predictions += classify(classifier, np.stack([shape.tsdf for shape in shapes]))
         targets += [target] * len(shapes)
         if samples_per_prompt >= 2:
@@ -285,6 +383,7 @@ def _text_attribute_metrics(sampler: _TimedSampler, data: str | Path, split: str
         "round_trip_category_accuracy": round_trip["category_accuracy"],
         "round_trip_attribute_accuracy": round_trip["attribute_accuracy"],
         "round_trip_all_correct_accuracy": round_trip["all_correct_accuracy"],
+        **structure_figures(grids, None, "text"),
         "text_per_attribute": generated["per_attribute"],
         **(_text_diversity(diversity, data, [target for _, target in pairs], classifier.attributes, samples_per_prompt, points,
                            made.resolution) if diversity else {}),

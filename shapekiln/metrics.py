@@ -208,17 +208,28 @@ def structure(tsdf: np.ndarray) -> dict[str, float]:
     return {"pieces": int(len(sizes)), "floaters": 0.0 if total == 0 else float(1.0 - sizes[0] / total)}
 
 
-def structure_summary(grids: list[np.ndarray]) -> dict[str, float]:
+def structure_summary(grids: list[np.ndarray], parts: list[list[np.ndarray]] | None = None,
+                      tolerance: int = 1) -> dict[str, float]:
     """Over a set of TSDF grids: `one_piece` (the fraction whose inside is exactly one piece), the mean
-    number of pieces and the mean floater share."""
+    number of pieces and the mean floater share. With `parts` (for each grid, the voxel masks of the thin
+    parts it should have): `thin_parts` (how many were checked) and `thin_parts_present` (the fraction
+    that `parts_present` finds, with `tolerance`; absent when there are none)."""
     if not grids:
         raise ValueError("a structure summary needs at least one grid")
+    if parts is not None and len(parts) != len(grids):
+        raise ValueError(f"{len(parts)} part lists for {len(grids)} grids")
     rows = [structure(grid) for grid in grids]
-    return {
+    summary = {
         "one_piece": float(np.mean([row["pieces"] == 1 for row in rows])),
         "pieces_mean": float(np.mean([row["pieces"] for row in rows])),
         "floaters_mean": float(np.mean([row["floaters"] for row in rows])),
     }
+    if parts is not None:
+        present = [found for grid, masks in zip(grids, parts) for found in parts_present(masks, grid, tolerance)]
+        summary["thin_parts"] = len(present)
+        if present:  # absent when no shape has thin parts (vases, shelves)
+            summary["thin_parts_present"] = float(np.mean(present))
+    return summary
 
 
 def part_voxels(part: trimesh.Trimesh, resolution: int) -> np.ndarray:

@@ -45,8 +45,10 @@ def test_prep_synthetic_with_workers_is_identical_to_one_process_and_loads_back(
 
 def test_show_writes_a_contact_sheet_and_reports_a_missing_dataset(tmp_path):
     shapekiln("prep", "synthetic", "--count", 6, "--config", "tiny", "--out", tmp_path / "data", "--no-progress")
-    shapekiln("show", tmp_path / "data", "--count", 3, "--out", tmp_path / "sheet.png")
+    shown = shapekiln("show", tmp_path / "data", "--count", 3, "--out", tmp_path / "sheet.png")
     assert Image.open(tmp_path / "sheet.png").height == 3 * 128
+    # Shapes built for the 16³ grid hold together, thin parts and all.
+    assert "structure: 3 of 3 shown shapes are one piece" in shown.stdout and "thin parts present 100.0% of" in shown.stdout
     missing = shapekiln("show", tmp_path / "nothing", check=False)
     assert missing.returncode == 2 and missing.stderr.startswith("shapekiln: error: no shards found")
 

@@ -57,9 +57,9 @@ def classifier(data, tmp_path_factory):
 
 def test_evaluate_ldm_scores_every_part(data, classifier, tmp_path):
     pipeline = make_pipeline(tmp_path / "pipeline")
-    metrics = evaluate_ldm(pipeline, data, classifier, split="test", count=3, prompts=2, samples_per_prompt=2,
+    metrics = evaluate_ldm(pipeline, data, classifier, split="test", count=4, prompts=2, samples_per_prompt=2,
                            completion_count=1, completions=2, image_count=1, points=256, steps=2, seed=0, progress=False)
-    assert metrics["generation"] == "text" and metrics["generation_shapes"] == 3
+    assert metrics["generation"] == "text" and metrics["generation_shapes"] == 4
     assert metrics["mmd_cd"] >= 0 and 0 < metrics["cov_cd"] <= 1 and 0 <= metrics["1nna_cd"] <= 1
     assert metrics["text_samples"] == 4
     assert metrics["text_tmd"] >= 0.0 and 0 <= metrics["text_data_tmd_prompts"] <= 2
@@ -81,11 +81,28 @@ def test_evaluate_ldm_scores_every_part(data, classifier, tmp_path):
     with torch.no_grad():
         decoded = loaded.vqvae.decode(loaded.vqvae.encode(truth)).clamp(-0.2, 0.2)
     assert metrics["round_trip_iou"] == pytest.approx(occupancy_iou(decoded[0, 0].numpy(), truth[0, 0].numpy()))
-    assert metrics["sampled_shapes"] == 3 + 2 * 2 + 2 * 2 + 1
+    # Structure of the raw samples beside the references' (the 4th is a chair, with legs); this data is the
+    # nominal generator at 16³, whose thinnest parts fall between voxel centers, so some are never present.
+    for key in ("generation_one_piece", "reference_one_piece", "text_one_piece", "reference_thin_parts_present",
+                "generation_floaters_mean"):
+        assert 0.0 <= metrics[key] <= 1.0, key
+    assert metrics["reference_thin_parts"] > 0 and metrics["reference_thin_parts_present"] < 1.0
+    assert metrics["generation_pieces_mean"] >= 0
+    # Each sample is checked for the thin parts of a reference with its caption's attributes: as many as some references have.
+    assert 0 <= metrics["generation_thin_parts"] <= 4 * max(len(parts) for parts in _thin_parts_of_test_split(data))
+    assert 0.0 <= metrics.get("generation_thin_parts_present", 0.0) <= 1.0
+    assert metrics["sampled_shapes"] == 4 + 2 * 2 + 2 * 2 + 1
     assert metrics["seconds_per_shape"] > 0
     numbers = [value for value in metrics.values() if isinstance(value, (int, float))]
     assert all(math.isfinite(value) for value in numbers)
     assert "1nna_cd" in format_metrics(metrics)
+
+
+def _thin_parts_of_test_split(data):
+    from shapekiln.evaluate import DatasetParts
+
+    parts = DatasetParts.for_data(data)
+    return [parts.masks(sample["id"]) for sample in ShapeShards(list_shards(data, "test"))]
 
 
 def test_parts_the_pipeline_cannot_run_are_skipped_with_a_note(data, tmp_path):

@@ -91,3 +91,30 @@ def test_a_part_between_voxel_centers_is_never_present():
     assert slab.sum() == 8 * 8 * 2  # centers at ±0.0625 along z, 8 along x and y
     with pytest.raises(ValueError):
         parts_present([np.zeros((8, 8, 8), dtype=bool)], grid(TOP))
+
+
+def test_dataset_parts_are_rebuilt_where_prep_put_the_shapes(tmp_path):
+    from shapekiln.config import load_config
+    from shapekiln.data_prep.process import PrepConfig
+    from shapekiln.data_prep.reader import ShapeShards, list_shards
+    from shapekiln.data_prep.shards import run_prep
+    from shapekiln.data_prep.sources.synthetic import SyntheticSource
+    from shapekiln.evaluate import DatasetParts
+
+    config = load_config(PrepConfig, "tiny", "data", {"test_fraction": 0.0, "val_fraction": 0.0})
+    source = SyntheticSource.for_config(12, config, seed=3)
+    run_prep(source, config, tmp_path / "data", workers=1, progress=False, source_args=source.args())
+    parts = DatasetParts.for_data(tmp_path / "data")
+    checked, misfits = 0, 0
+    samples = list(ShapeShards(list_shards(tmp_path / "data", "train")))
+    for sample, other in zip(samples, samples[1:] + samples[:1]):
+        inside = sample["tsdf"][0].numpy() < 0
+        for mask in parts.masks(sample["id"]):
+            assert mask.any() and not (mask & ~inside).any(), sample["id"]  # every part voxel is inside the TSDF
+            checked += 1
+        # The check can fail: another shape's parts do not lie inside this one.
+        misfits += any((mask & ~inside).any() for mask in parts.masks(other["id"]))
+    assert checked >= 12 and misfits >= len(samples) // 2
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "dataset.json").write_text('{"source": "folder", "source_args": {}, "config": {}}')
+    assert DatasetParts.for_data(tmp_path / "real") is None

@@ -600,6 +600,16 @@ class SyntheticSource:
         category, attributes = self.describe(item)
         return build_parts(category, attributes, np.random.default_rng([self.seed, 2, item]), self.min_width)
 
+    def thin_part_masks(self, item: int, resolution: int, extent: float = 0.8) -> list[np.ndarray]:
+        """The voxels (R, R, R) bool of each of shape `item`'s THIN_PARTS, placed as prep places the shape
+        (normalized to `extent`): what the structure metric checks for in its TSDF, reconstruction or sample."""
+        from shapekiln.data_prep.process import normalize
+        from shapekiln.metrics import part_voxels
+
+        _, transform = normalize(self.load(item).mesh, extent)
+        return [part_voxels(part.copy().apply_transform(transform), resolution)
+                for name, part in self.parts(item) if name in THIN_PARTS]
+
     def load(self, item: int) -> ShapeRecord:
         category, attributes = self.describe(item)
         mesh = build_mesh(category, attributes, np.random.default_rng([self.seed, 2, item]), self.min_width)

@@ -82,6 +82,12 @@ def test_eval_reports_reconstruction_metrics(trained, data, tmp_path):
     assert metrics["shapes"] == 5 and "chamfer_l1" in result.stdout
     assert 0.0 <= metrics["iou"] <= 1.0 and 0.0 <= metrics["f_score"] <= 1.0 and metrics["chamfer_l1"] > 0
     assert 0.0 < metrics["codebook_usage"] <= 1.0 and 1.0 <= metrics["codebook_perplexity"] <= 32
+    # Structure, beside the data's: the tiny set is built for its 16³ grid, so every shape is one piece with
+    # every thin part (rebuilt from dataset.json) in place; an untrained model's reconstruction is not.
+    assert metrics["data_one_piece"] == 1.0 and metrics["data_thin_parts"] > 0 and metrics["data_thin_parts_present"] == 1.0
+    assert 0.0 <= metrics["reconstruction_one_piece"] <= 1.0 and 0.0 <= metrics["reconstruction_thin_parts_present"] <= 1.0
+    assert metrics["reconstruction_thin_parts"] == metrics["data_thin_parts"]
+    assert "reconstruction_one_piece" in result.stdout
     again = evaluate_vqvae(trained / "model", data, "train", limit=5, progress=False)
     assert again == metrics  # deterministic
 
