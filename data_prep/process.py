@@ -97,17 +97,20 @@ def normalize(mesh: trimesh.Trimesh, extent: float) -> tuple[trimesh.Trimesh, np
 
 def prepare_sample(record: ShapeRecord, config: PrepConfig, cameras: list[Camera]) -> dict[str, Any]:
     """A webdataset sample (key → bytes) for one shape; ShapekilnError says why a shape is unusable."""
-    mesh = record.mesh
-    check_mesh(mesh, flat_ok=config.thin_shell > 0)
+    check_mesh(record.mesh, flat_ok=config.thin_shell > 0)
     flags: dict[str, Any] = {}
+    # The views are rendered from the mesh as given (its texture or colors); a mesh over the face limit is
+    # decimated for the distance field alone, since decimation drops the visuals.
+    shown, transform = normalize(record.mesh, config.extent)
+    mesh = shown
     if len(mesh.faces) > config.max_faces:
         if config.over_face_limit == "skip":
             raise ShapekilnError(f"{len(mesh.faces)} faces is over the limit of {config.max_faces} (over_face_limit: skip)")
         flags["decimated_from_faces"] = int(len(mesh.faces))
+        flags["views_from"] = "original mesh"
         mesh = _decimate(mesh, config.max_faces)
     flags["watertight"] = bool(mesh.is_watertight)
 
-    mesh, transform = normalize(mesh, config.extent)
     tsdf = compute_tsdf(mesh.vertices, mesh.faces, config.resolution, config.tau)
     if config.thin_shell > 0 and not is_closed(mesh.vertices, mesh.faces):
         voxel = 2.0 / config.resolution
@@ -116,7 +119,7 @@ def prepare_sample(record: ShapeRecord, config: PrepConfig, cameras: list[Camera
             flags["thin_shell"] = {"sheet_faces": sheets, "voxels": config.thin_shell}
     if not (tsdf < 0).any():
         raise ShapekilnError(f"no voxel lies inside the surface at {config.resolution}³ (an open sheet with thin_shell 0, or thinner than a voxel)")
-    views = render_views(mesh, cameras) if cameras else np.zeros((0, 1, 1, 4), np.uint8)
+    views = render_views(shown, cameras) if cameras else np.zeros((0, 1, 1, 4), np.uint8)
 
     captions = [caption.strip() for caption in record.captions if caption and caption.strip()]
     if not captions:

@@ -1,9 +1,12 @@
+import io
+import json
 import pickle
 import re
 
 import numpy as np
 import pytest
 import trimesh
+from PIL import Image
 
 from shapekiln.data_prep.sources.folder import FolderSource
 from shapekiln.errors import ShapekilnError
@@ -159,3 +162,38 @@ def test_missing_root_and_missing_csv(tmp_path, tree):
         FolderSource(tmp_path / "nowhere")
     with pytest.raises(ShapekilnError, match="captions CSV not found: .*nope.csv"):
         FolderSource(tree, captions_csv=tmp_path / "nope.csv")
+
+
+def test_a_textured_mesh_over_the_face_limit_keeps_its_texture_in_the_views(tmp_path, shared_data):
+    from shapekiln.config import from_dict
+    from shapekiln.data_prep.process import PrepConfig, prepare_sample
+    from shapekiln.data_prep.render import orbit_cameras, render_views
+
+    root = tmp_path / "assets"
+    root.mkdir()
+    (root / "truck.glb").write_bytes((shared_data / "meshes" / "CesiumMilkTruck.glb").read_bytes())
+    record = FolderSource(root).load(next(FolderSource(root).items()))
+    faces = len(record.mesh.faces)
+    cameras = orbit_cameras(num_views=2, size=64)
+
+    def prepared(max_faces):
+        config = from_dict(PrepConfig, {"resolution": 16, "views": 2, "view_size": 64, "max_faces": max_faces}, "test")
+        sample = prepare_sample(record, config, cameras)
+        views = np.stack([np.asarray(Image.open(io.BytesIO(sample[f"view_{k}.png"]))) for k in range(2)])
+        return views, json.loads(sample["meta.json"])
+
+    def chroma(views):  # mean (max - min) over RGB of the covered pixels: 0 for a gray render
+        covered = views[..., 3] > 0
+        rgb = views[..., :3][covered].astype(float)
+        return float((rgb.max(axis=1) - rgb.min(axis=1)).mean())
+
+    whole, whole_meta = prepared(faces)
+    halved, halved_meta = prepared(faces // 2)
+    assert "decimated_from_faces" not in whole_meta["flags"]
+    assert halved_meta["flags"]["decimated_from_faces"] == faces and halved_meta["flags"]["views_from"] == "original mesh"
+    assert halved_meta["faces"] <= faces // 2
+    np.testing.assert_array_equal(halved, whole)  # the views do not depend on the face limit
+    # What the views were before: rendered from the decimated mesh, whose visuals decimation dropped.
+    decimated = record.mesh.simplify_quadric_decimation(face_count=faces // 2)
+    gray, colored = chroma(render_views(decimated, cameras)), chroma(whole)
+    assert gray < 1 < 5 < colored
