@@ -27,7 +27,10 @@ from shapekiln.errors import ShapekilnError
 
 def list_shards(data: str | Path | Sequence[str | Path], split: str = "train") -> list[str]:
     """Shard paths from a prepared directory (its `{split}-*.tar`; splits joined by "+", such as "test+val",
-    list each split's shards in that order), a glob pattern, or a list of paths."""
+    list each split's shards in that order), a glob pattern, several of those joined by commas
+    ("runs/corpus,runs/quickstart/data": their shards in that order), or a list of paths."""
+    if isinstance(data, str) and "," in data:
+        return [shard for part in _parts(data) for shard in list_shards(part, split)]
     if isinstance(data, (str, Path)) and Path(data).is_dir():
         shards = [path for part in split.split("+") for path in sorted(glob.glob(str(Path(data) / f"{part}-*.tar")))]
         where = f"{data} (split {split})"
@@ -56,8 +59,20 @@ def dataset_config(shards: str | Path) -> dict[str, Any] | None:
     return prepared
 
 
+def _parts(data: str) -> list[str]:
+    parts = [part.strip() for part in data.split(",") if part.strip()]
+    if not parts:
+        raise ShapekilnError(f"no dataset named in {data!r}")
+    return parts
+
+
 def check_dataset(shards: str | Path, resolution: int, tau: float) -> None:
-    """Fail before any work when a prepared dataset's grid size or truncation is not the model's."""
+    """Fail before any work when a prepared dataset's grid size or truncation is not the model's (each of
+    several joined by commas)."""
+    if isinstance(shards, str) and "," in shards:
+        for part in _parts(shards):
+            check_dataset(part, resolution, tau)
+        return
     prepared = dataset_config(shards)
     if prepared is None:
         return  # a glob or list of shards: the reader checks each grid's size as it reads

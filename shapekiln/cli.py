@@ -29,13 +29,15 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     prep = commands.add_parser("prep", help="meshes → TSDF grids, views, captions, webdataset shards")
-    prep.add_argument("source", choices=["synthetic", "folder", "objaverse"], help="where shapes come from")
+    prep.add_argument("source", choices=["synthetic", "procedural", "folder", "objaverse"],
+                      help="where shapes come from (procedural: the varied corpus the general VQ-VAE is trained on)")
     prep.add_argument("path", nargs="?", type=Path, help="folder: the directory of meshes")
     prep.add_argument("--out", type=Path, required=True, help="output directory for shards")
     _add_prep_options(prep)
-    group = prep.add_argument_group("synthetic")
+    group = prep.add_argument_group("synthetic and procedural")
     group.add_argument("--count", type=int, default=200, help="number of shapes (default 200)")
     group.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
+    group.add_argument("--detail", type=int, default=64, help="procedural: the grid its solids are meshed on (default 64)")
     group.add_argument("--part-voxels", type=float, default=1.5,
                        help="thinnest part width in voxels of the grid (default 1.5, so legs and poles stay whole; 0: nominal proportions)")
     group = prep.add_argument_group("folder and objaverse")
@@ -258,6 +260,13 @@ def _build_source(args: argparse.Namespace, config: Any) -> tuple[Any, dict[str,
         if args.count < 1:
             raise ShapekilnError(f"--count must be at least 1, got {args.count}")
         source = SyntheticSource.for_config(args.count, config, seed=args.seed, part_voxels=args.part_voxels)
+        return source, source.args()
+    if args.source == "procedural":
+        from shapekiln.data_prep.sources.procedural import ProceduralSource
+
+        if args.count < 1:
+            raise ShapekilnError(f"--count must be at least 1, got {args.count}")
+        source = ProceduralSource(args.count, seed=args.seed, detail=args.detail)
         return source, source.args()
     if args.source == "folder":
         from shapekiln.data_prep.sources.folder import FolderSource

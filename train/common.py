@@ -35,7 +35,7 @@ from shapekiln.errors import ShapekilnError, first_line
 class DataConfig:
     """Where the training shards are and how they are batched (per process)."""
 
-    shards: str = "runs/quickstart/data"
+    shards: str = "runs/quickstart/data"  # a prepared directory, a glob, or several joined by commas (mixed in training)
     batch_size: int = 8
     num_workers: int = 0
     shuffle_buffer: int = 256

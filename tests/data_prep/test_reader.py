@@ -7,7 +7,7 @@ import trimesh
 
 from shapekiln.config import from_dict
 from shapekiln.data_prep.process import PrepConfig
-from shapekiln.data_prep.reader import PartialSpec, ShapeShards, collate, list_shards, make_loader, random_known_mask
+from shapekiln.data_prep.reader import PartialSpec, ShapeShards, check_dataset, collate, list_shards, make_loader, random_known_mask
 from shapekiln.data_prep.shards import run_prep
 from shapekiln.data_prep.sources.base import ShapeRecord
 from shapekiln.errors import ShapekilnError
@@ -109,6 +109,22 @@ def test_joined_splits_list_each_splits_shards_in_the_order_given(tmp_path):
     assert names("val+test") == ["val-000000.tar", "test-000000.tar", "test-000001.tar"]
     assert names("test") == ["test-000000.tar", "test-000001.tar"]
 
+
+def test_datasets_joined_by_commas_are_read_together_and_each_is_checked(shards, tmp_path):
+    """Training mixes datasets as "A,B" (the general VQ-VAE: the procedural corpus and the synthetic set)."""
+    other = tmp_path / "other"
+    config = from_dict(PrepConfig, {"resolution": R, "views": 0, "shard_size": 2, "val_fraction": 0.0, "test_fraction": 0.0}, "test")
+    run_prep(Boxes(4), config, other, progress=False)
+    joined = list_shards(f"{shards}, {other}")
+    assert joined == list_shards(shards) + list_shards(other)
+    assert len(list(ShapeShards(joined))) == 14
+    check_dataset(f"{shards},{other}", R, 0.2)
+    coarse = tmp_path / "coarse"
+    run_prep(Boxes(2), from_dict(PrepConfig, {**vars(config), "resolution": 32}, "test"), coarse, progress=False)
+    with pytest.raises(ShapekilnError, match=f"{coarse} holds 32³ grids but the model expects 16³"):
+        check_dataset(f"{shards},{coarse}", R, 0.2)
+    with pytest.raises(ShapekilnError, match="no dataset named"):
+        list_shards(" , ")
 
 def grid(resolution=32):
     axis = -1.0 + (np.arange(resolution) + 0.5) * 2.0 / resolution

@@ -1,5 +1,8 @@
 import pickle
+import subprocess
+import sys
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +17,8 @@ from shapekiln.data_prep.sources.synthetic import (
     captions_for,
 )
 from shapekiln.errors import ShapekilnError
+
+REPO = Path(__file__).resolve().parents[2]
 
 N_CAT = len(CATEGORIES)
 
@@ -333,3 +338,13 @@ def test_a_grid_too_coarse_for_thin_parts_is_refused():
         build_mesh("mug", {"height": "tall", "handle": "yes", "color": "red"}, np.random.default_rng(0), min_width=0.5)
     rebuilt = SyntheticSource.from_args(SyntheticSource(4, seed=2, resolution=32).args())
     assert rebuilt.args() == {"count": 4, "seed": 2, "resolution": 32, "part_voxels": 1.5}
+
+
+def test_prep_at_a_grid_too_coarse_for_thin_parts_is_one_error_line(tmp_path):
+    config = tmp_path / "data.yaml"
+    config.write_text((REPO / "configs" / "data" / "tiny.yaml").read_text().replace("resolution: 16", "resolution: 8"))
+    result = subprocess.run([sys.executable, "-m", "shapekiln.cli", "prep", "synthetic", "--count", "2",
+                             "--config", str(config), "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    assert result.returncode == 2 and "resolution >= 16, got 8" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
