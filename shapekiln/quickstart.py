@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from shapekiln.config import load_config
+from shapekiln.evaluate import write_json
 
 PROMPTS = (
     "a tall round table with four legs",
@@ -64,7 +65,10 @@ def quickstart(out: Path, count: int = 1000, workers: int = 2, vqvae_steps: int 
 
     _stage("sample", started)
     overview = sample_overview(pipeline_dir, data, out / "samples", prompts, samples_per_prompt, progress)
-    print(f"quickstart: done in {time.perf_counter() - started:.0f} s; overview {overview}")
+    seconds = time.perf_counter() - started
+    # What this run took (stages a resumed run skipped count as nothing): read by bench/structure.py.
+    write_json(out / "quickstart.json", {"seconds": seconds, "config": config, "count": count})
+    print(f"quickstart: done in {seconds:.0f} s; overview {overview}")
     return overview
 
 
