@@ -18,13 +18,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-import objaverse
-
 from shapekiln.data_prep.sources.base import ShapeRecord
 from shapekiln.data_prep.sources.folder import CAPTION_COLUMNS, ID_COLUMNS, load_mesh
 from shapekiln.errors import ShapekilnError
 
 log = logging.getLogger(__name__)
+
+EXTRA_HINT = 'pip install -e ".[objaverse]"'
+
+
+def _objaverse():
+    """The `objaverse` package, an optional dependency (the `objaverse` extra: it brings pandas and pyarrow)."""
+    try:
+        import objaverse
+    except ImportError:
+        raise ShapekilnError(f"the objaverse source needs the objaverse package, which is an extra: {EXTRA_HINT}") from None
+    return objaverse
 
 OBJECT_PATHS_FILE = "object-paths.json.gz"
 LVIS_FILE = "lvis-annotations.json.gz"
@@ -59,6 +68,7 @@ class ObjaverseSource:
         captions_csv: str | os.PathLike | None = None,
         limit: int | None = None,
     ):
+        objaverse = _objaverse()
         if cache_dir is not None:
             # The package reads the module global _VERSIONED_PATH each time one of its functions
             # runs (BASE_PATH only at import, so setting that now would do nothing).
@@ -170,6 +180,7 @@ def _metadata_file_annotations(
     """Slim annotations of `uids`, all in one metadata file: read once per worker process, since a
     file holds thousands of full records and takes a second to parse."""
     # A worker process imports objaverse afresh (spawn), with the default path.
+    objaverse = _objaverse()
     objaverse._VERSIONED_PATH = cache_dir
     return {uid: _slim(record) for uid, record in objaverse.load_annotations(list(uids)).items()}
 

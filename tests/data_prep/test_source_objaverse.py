@@ -8,12 +8,13 @@ import pickle
 import urllib.request
 
 import numpy as np
-import objaverse
 import pytest
 import trimesh
 
-from shapekiln.data_prep.sources.objaverse import ObjaverseSource
-from shapekiln.errors import ShapekilnError
+objaverse = pytest.importorskip("objaverse", reason='the objaverse extra is not installed (pip install -e ".[objaverse]")')
+
+from shapekiln.data_prep.sources.objaverse import ObjaverseSource  # noqa: E402
+from shapekiln.errors import ShapekilnError  # noqa: E402
 
 STAIRS = "8476c4170df24cf5bbe6967222d1a42d"  # full record: tags, HTML in its description
 BEAR = "da9b588f7a7346519f391c3eb9532226"  # LVIS "grizzly"; its Cap3D caption is in the record
