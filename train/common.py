@@ -8,6 +8,7 @@ loss, `run.update`, `run.ema.step`, `run.log` → `run.save_model` → `run.fini
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
@@ -61,6 +62,7 @@ class TrainConfig:
     image_every: int = 500
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
+    report_to: Literal["tensorboard", "wandb", "all", "none"] = "tensorboard"  # accelerate's trackers (`--report-to`)
 
     def validate(self) -> None:
         if self.max_steps < 1 or self.gradient_accumulation_steps < 1:
@@ -95,9 +97,20 @@ def resolve_mixed_precision(requested: str, on_cpu: bool) -> str:
     return requested
 
 
+def accelerator_present() -> bool:
+    """A CUDA (or ROCm) GPU, an Apple MPS device or an Intel XPU that torch can use."""
+    mps = getattr(torch.backends, "mps", None)
+    xpu = getattr(torch, "xpu", None)
+    return (torch.cuda.is_available() or bool(mps is not None and mps.is_available())
+            or bool(xpu is not None and xpu.is_available()))
+
+
 def make_accelerator(train: TrainConfig, output_dir: Path) -> Accelerator:
-    """An Accelerator that also forms a process group on a CPU-only machine (see GROUND.md)."""
-    on_cpu = not torch.cuda.is_available()
+    """An Accelerator that also forms a process group on a CPU-only machine (see GROUND.md); where an
+    accelerator exists (CUDA, Apple's MPS, Intel's XPU) the device is accelerate's own choice."""
+    on_cpu = not accelerator_present()
+    if train.report_to in ("wandb",) and importlib.util.find_spec("wandb") is None:
+        raise ShapekilnError("--report-to wandb needs the wandb package (pip install wandb)")
     precision = resolve_mixed_precision(train.mixed_precision, on_cpu)
     if precision != train.mixed_precision:
         print(f"mixed_precision {train.mixed_precision} → {precision}: this CPU has no native bf16 "
@@ -106,7 +119,7 @@ def make_accelerator(train: TrainConfig, output_dir: Path) -> Accelerator:
         cpu=on_cpu,
         mixed_precision=precision,
         gradient_accumulation_steps=train.gradient_accumulation_steps,
-        log_with="tensorboard",
+        log_with=None if train.report_to == "none" else train.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
     )
     launched = int(os.environ.get("WORLD_SIZE", "1"))
@@ -281,7 +294,9 @@ class Run:
         step = self.state.step
         if step % self.train.log_every and step != self.train.max_steps - 1:
             return
-        values = {key: float(value) for key, value in values.items()}
+        # Tensors are averaged over the processes (every rank logs on the same steps), so the logged loss is the run's.
+        values = {key: float(self.accelerator.reduce(value.detach().float(), reduction="mean")) if torch.is_tensor(value)
+                  else float(value) for key, value in values.items()}
         elapsed = time.perf_counter() - self._started
         rate = (step + 1 - self._started_step) / elapsed if elapsed > 0 else 0.0
         values = {**values, "steps_per_second": rate, "samples_per_second": rate * samples_per_step}
@@ -293,7 +308,9 @@ class Run:
         return self.is_main and (self.state.step % self.train.image_every == 0 or self.state.step == self.train.max_steps - 1)
 
     def log_image(self, tag: str, image: Any) -> None:
-        """An (H, W, 3) uint8 image to TensorBoard."""
+        """An (H, W, 3) uint8 image to TensorBoard (when it is one of the trackers)."""
+        if self.train.report_to not in ("tensorboard", "all"):
+            return
         writer = self.accelerator.get_tracker("tensorboard", unwrap=True)
         writer.add_image(tag, image, self.state.step, dataformats="HWC")
 

@@ -19,6 +19,8 @@ def add_train_arguments(parser: argparse.ArgumentParser, group: str) -> None:
     parser.add_argument("--seed", type=int, help="overrides train.seed")
     parser.add_argument("--resume", help="'latest' or a checkpoint folder (OUTPUT_DIR/checkpoints/step-N) to continue from")
     parser.add_argument("--time-limit", type=float, metavar="MINUTES", help="also stop (checkpointed) after this many minutes")
+    parser.add_argument("--report-to", choices=["tensorboard", "wandb", "all", "none"],
+                        help="where to log (accelerate's trackers; overrides train.report_to, default tensorboard)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -34,6 +36,8 @@ def apply_train_arguments(config: Any, args: argparse.Namespace) -> Any:
         config.train.max_steps = args.max_steps
     if args.seed is not None:
         config.train.seed = args.seed
+    if getattr(args, "report_to", None):
+        config.train.report_to = args.report_to
     return config
 
 

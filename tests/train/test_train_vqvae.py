@@ -1,5 +1,6 @@
 """The VQ-VAE trainer as a user runs it: real processes, real shards, accelerate's launcher."""
 
+import importlib.util
 import io
 import json
 import shutil
@@ -245,3 +246,50 @@ def test_sign_loss_costs_the_wrong_side_of_the_surface_within_the_band():
     one = lambda p, t: float(reconstruction_loss(torch.tensor([p]), torch.tensor([t]), signed)  # noqa: E731
                              - reconstruction_loss(torch.tensor([p]), torch.tensor([t]), plain))
     assert 2.0 * 0.03 < one(-0.03, 0.01) < 2.0 * 0.0305 and one(0.11, 0.01) < 1e-5
+
+
+def test_report_to_picks_the_trackers_and_a_missing_one_is_one_line(data, tmp_path):
+    quiet = tmp_path / "quiet"
+    train_tiny(data, quiet, "--report-to", "none", "--max-steps", "2")
+    assert (quiet / "model").is_dir() and not list(quiet.rglob("events.out.tfevents.*"))
+    assert "report_to: none" in (quiet / "config.yaml").read_text()
+    if importlib.util.find_spec("wandb") is None:
+        line = one_error_line(train_tiny(data, tmp_path / "wandb", "--report-to", "wandb", check=False))
+        assert "--report-to wandb needs the wandb package" in line
+
+
+def test_the_logged_loss_is_the_mean_over_processes(data, tmp_path):
+    """Rank r logs r + 1: TensorBoard gets 1.5 from two processes, not rank 0's 1.0."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    script = tmp_path / "mean.py"
+    script.write_text(textwrap.dedent(f"""
+        import torch
+        from shapekiln.config import load_config
+        from shapekiln.train.common import Run
+        from shapekiln.train.vqvae import VQVAEConfig
+
+        config = load_config(VQVAEConfig, "tiny", "vqvae")
+        config.data.shards, config.train.output_dir = {str(data)!r}, {str(tmp_path / "run")!r}
+        run = Run("mean", config, config.train, progress=False)
+        run.prepare(torch.nn.Linear(2, 2))
+        for _ in run.steps():
+            run.log({{"loss": torch.tensor(run.accelerator.process_index + 1.0), "lr": 0.5}}, 1)
+            if run.state.step == 1:
+                break
+        run.finish()
+    """))
+    run(*ACCELERATE, script, timeout=300)
+    accumulators = [EventAccumulator(str(folder)) for folder in {path.parent for path in (tmp_path / "run" / "logs").rglob("events.out.tfevents.*")}]
+    (accumulator,) = [a for a in accumulators if "loss" in a.Reload().Tags()["scalars"]]
+    assert [event.value for event in accumulator.Scalars("loss")][0] == pytest.approx(1.5)
+    assert [event.value for event in accumulator.Scalars("lr")][0] == pytest.approx(0.5)
+
+
+def test_the_cpu_is_forced_only_where_torch_sees_no_accelerator_at_all(monkeypatch):
+    """Apple's MPS and Intel's XPU count as accelerators (accelerate then picks the device), not only CUDA."""
+    from shapekiln.train.common import accelerator_present
+
+    assert accelerator_present() == torch.cuda.is_available()  # these machines: no GPU of any kind
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)  # what torch reports on an Apple Silicon Mac
+    assert accelerator_present()
