@@ -109,6 +109,22 @@ class DiffusionPrior(nn.Module):
         return next(self.parameters()).device
 
 
+def as_epsilon(output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, scheduler: DDPMScheduler) -> torch.Tensor:
+    """A UNet's output as ε, whatever its scheduler's `prediction_type`: ε itself; for v (SD 2.x at 768,
+    x_t = √ᾱ·x0 + √(1−ᾱ)·ε, v = √ᾱ·ε − √(1−ᾱ)·x0) ε = √ᾱ·v + √(1−ᾱ)·x_t; for x0 ("sample")
+    ε = (x_t − √ᾱ·x0) / √(1−ᾱ)."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return output
+    alpha = scheduler.alphas_cumprod.to(x_t.device)[t].to(output.dtype).view(-1, *([1] * (x_t.ndim - 1)))
+    x_t = x_t.to(output.dtype)
+    if kind == "v_prediction":
+        return alpha.sqrt() * output + (1 - alpha).sqrt() * x_t
+    if kind == "sample":
+        return (x_t - alpha.sqrt() * output) / (1 - alpha).sqrt()
+    raise ShapekilnError(f"unknown prediction_type {kind!r} in the prior's scheduler (epsilon, v_prediction or sample)")
+
+
 def resize_images(rgb: torch.Tensor, size: int) -> torch.Tensor:
     """(B, 3, H, W) float → (B, 3, size, size), bilinear with antialiasing; differentiable."""
     if rgb.ndim != 4 or rgb.shape[1] != 3:
@@ -456,7 +472,8 @@ class StableDiffusionPrior(DiffusionPrior):
         try:
             unet = UNet2DConditionModel.from_pretrained(str(folder), subfolder="unet", use_safetensors=True, local_files_only=True, torch_dtype=dtype)
             vae = AutoencoderKL.from_pretrained(str(folder), subfolder="vae", use_safetensors=True, local_files_only=True, torch_dtype=dtype)
-            text_encoder = CLIPTextModel.from_pretrained(str(folder / "text_encoder"), use_safetensors=True, local_files_only=True, dtype=dtype)
+            text_encoder = CLIPTextModel.from_pretrained(str(folder / "text_encoder"), use_safetensors=True, local_files_only=True,
+                                                         dtype=dtype)  # `dtype=`: transformers >= 4.56 (pyproject)
             tokenizer = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"), local_files_only=True)
             # Whatever sampler the directory saved (PNDM, DDIM, ...): SDS needs only its training schedule.
             scheduler = DDPMScheduler.from_pretrained(str(folder), subfolder="scheduler", local_files_only=True)
@@ -488,7 +505,8 @@ class StableDiffusionPrior(DiffusionPrior):
     def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor, text: TextCondition,
                       cameras: torch.Tensor | None = None) -> torch.Tensor:
         t = torch.as_tensor(t, device=x_t.device).reshape(-1).expand(x_t.shape[0])
-        return self.unet(x_t.to(self.unet.dtype), t, encoder_hidden_states=text.tokens.to(self.unet.dtype)).sample
+        output = self.unet(x_t.to(self.unet.dtype), t, encoder_hidden_states=text.tokens.to(self.unet.dtype)).sample
+        return as_epsilon(output, x_t, t, self.scheduler)
 
     @torch.no_grad()
     def decode(self, x0: torch.Tensor) -> torch.Tensor:

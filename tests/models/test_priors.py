@@ -412,3 +412,26 @@ def test_stable_diffusion_weights_that_do_not_load_are_one_clear_error(tiny_sd, 
     with pytest.raises(ShapekilnError, match="cannot load Stable Diffusion") as error:
         load_prior(broken)
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
+def test_a_prior_that_predicts_v_or_x0_gives_the_epsilon_sds_needs(tiny_sd, tmp_path, prediction_type):
+    """SD 2.x at 768 predicts v: the SDS direction must use ε = √ᾱ·v + √(1−ᾱ)·x_t, not v itself."""
+    folder = tmp_path / "sd-v"
+    shutil.copytree(tiny_sd, folder)
+    config_file = folder / "scheduler" / "scheduler_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "prediction_type": prediction_type}))
+    prior, epsilon_prior = load_prior(folder), load_prior(tiny_sd)
+    assert prior.scheduler.config.prediction_type == prediction_type
+    x_t, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([100, 700])
+    text = prior.encode_text(["a tall lamp", "a lamp"])
+    with torch.no_grad():
+        raw = epsilon_prior.predict_noise(x_t, t, text)  # the same UNet read as ε: its raw output
+        epsilon = prior.predict_noise(x_t, t, text)
+    alpha = prior.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    expected = (alpha.sqrt() * raw + (1 - alpha).sqrt() * x_t if prediction_type == "v_prediction"
+                else (x_t - alpha.sqrt() * raw) / (1 - alpha).sqrt())
+    torch.testing.assert_close(epsilon, expected)
+    assert (epsilon - raw).abs().max() > 1e-3
+    out = sds_loss(prior, torch.rand(2, 3, 16, 16), text, guidance_scale=1.0, t=t, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(out.grad).all() and out.grad.shape == (2, 4, 8, 8)
