@@ -1,6 +1,6 @@
 """Structure: do shapes hold together, from mesh to sample? Every figure of issue 19 beside its baseline.
 
-Uses a finished quickstart run (default runs/quickstart: OUT/data, OUT/vqvae/model, OUT/ldm/pipeline,
+Uses a finished quickstart run (default runs/quickstart: OUT/data, OUT/ldm/pipeline with its VQ-VAE,
 OUT/samples) and an attribute classifier trained on its data (trained here if not given). Per set: the
 fraction of shapes whose inside (TSDF < 0) is one 26-connected piece, and for the synthetic set the
 fraction of thin parts (legs, poles, handles, arms, spokes) present (`shapekiln.metrics.parts_present`,
@@ -80,7 +80,9 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=20, help="text-attribute prompts (2 samples each)")
     args = parser.parse_args()
 
-    data, vqvae, pipeline = args.run / "data", args.run / "vqvae" / "model", args.run / "ldm" / "pipeline"
+    # The VQ-VAE the diffusion model was trained on (the shipped general-32, or the one `--vqvae train` trained).
+    data, pipeline = args.run / "data", args.run / "ldm" / "pipeline"
+    vqvae = pipeline / "vqvae"
     for needed in (data / "dataset.json", vqvae, pipeline):
         if not needed.exists():
             raise SystemExit(f"no {needed}: run `shapekiln quickstart --out {args.run}` first")

@@ -329,6 +329,14 @@ class VQVAE(ModelMixin, ConfigMixin):
         r = self.latent_resolution
         return (self.config.latent_channels, r, r, r)
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """diffusers' loader, also taking the name of a VQ-VAE shipped with the package
+        ("shapekiln/general-32" or "general-32"; see models/pretrained.py), checked against its checksum."""
+        from shapekiln.models.pretrained import resolve
+
+        return super().from_pretrained(str(resolve(pretrained_model_name_or_path)), **kwargs)
+
     def encode(self, tsdf: torch.Tensor) -> torch.Tensor:
         """TSDF (B, 1, R, R, R) → latent before quantization (B, C, r, r, r)."""
         return self.encoder(tsdf / self.config.tau)

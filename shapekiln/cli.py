@@ -38,8 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--count", type=int, default=200, help="number of shapes (default 200)")
     group.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
     group.add_argument("--detail", type=int, default=64, help="procedural: the grid its solids are meshed on (default 64)")
-    group.add_argument("--part-voxels", type=float, default=1.5,
-                       help="thinnest part width in voxels of the grid (default 1.5, so legs and poles stay whole; 0: nominal proportions)")
+    group.add_argument("--part-voxels", type=float, default=2.5,
+                       help="thinnest part width in voxels of the grid (default 2.5, so legs and poles stay whole through the VQ-VAE; 0: nominal proportions)")
     group = prep.add_argument_group("folder and objaverse")
     group.add_argument("--captions", type=Path, help="caption CSV (folder: modelId,description[,category]; objaverse: uid,caption)")
     group = prep.add_argument_group("objaverse")
@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ldm = models.add_parser("ldm", help="the latent diffusion model on latent shards (from `shapekiln encode`)")
     add_train_arguments(ldm, "ldm")
-    ldm.add_argument("--vqvae", help="the VQ-VAE folder the latents were encoded with (overrides vqvae)")
+    ldm.add_argument("--vqvae", help="the VQ-VAE folder the latents were encoded with, or general-32 (the one shipped; overrides vqvae)")
     ldm.set_defaults(run=_run_train_ldm)
 
     view_prior = models.add_parser("view-prior", help="the view prior (2D text-to-image diffusion for SDS) on the shards' views")
@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     classifier.set_defaults(run=_run_eval_train_classifier)
 
     encode = commands.add_parser("encode", help="TSDF shards → latent shards with a trained VQ-VAE")
-    encode.add_argument("--vqvae", type=Path, required=True, help="saved VQ-VAE folder (RUN/model)")
+    encode.add_argument("--vqvae", type=Path, required=True, help="saved VQ-VAE folder (RUN/model), or general-32 (the one shipped)")
     encode.add_argument("--data", type=Path, required=True, help="prepared shard directory")
     encode.add_argument("--out", type=Path, required=True, help="directory for the latent shards")
     encode.add_argument("--batch-size", type=int, default=16)
@@ -177,7 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument("--out", type=Path, default=Path("runs/quickstart"), help="default runs/quickstart")
     quick.add_argument("--count", type=int, default=1000, help="synthetic shapes (default 1000)")
     quick.add_argument("--workers", type=int, default=2, help="prep processes (default 2)")
-    quick.add_argument("--vqvae-steps", type=int, default=1600, help="VQ-VAE training steps (default 1600)")
+    quick.add_argument("--vqvae", help="the VQ-VAE to encode with: a folder, general-32 (shipped; the default at the small config) "
+                                       "or train (train one on the data; the default at tiny)")
+    quick.add_argument("--vqvae-steps", type=int, default=1600, help="VQ-VAE training steps with --vqvae train (default 1600)")
     quick.add_argument("--ldm-steps", type=int, help="diffusion training steps (default: configs/ldm/small.yaml, 800)")
     quick.add_argument("--samples", type=int, default=4, help="shapes per prompt (default 4)")
     quick.add_argument("--config", choices=["tiny", "small"], default="small",
@@ -539,7 +541,7 @@ def _run_quickstart(args: argparse.Namespace) -> int:
     from shapekiln.quickstart import quickstart
 
     quickstart(args.out, count=args.count, workers=args.workers, vqvae_steps=args.vqvae_steps, ldm_steps=args.ldm_steps,
-               samples_per_prompt=args.samples, progress=not args.no_progress, config=args.config)
+               samples_per_prompt=args.samples, progress=not args.no_progress, config=args.config, vqvae=args.vqvae)
     return 0
 
 

@@ -1,7 +1,9 @@
 """`shapekiln quickstart`: from nothing to text-conditioned shapes on a CPU, every stage with its defaults.
 
-    synthetic shapes ─prep─▶ OUT/data ─train vqvae─▶ OUT/vqvae ─encode─▶ OUT/latents
+    synthetic shapes ─prep─▶ OUT/data ─encode (the shipped general-32 VQ-VAE)─▶ OUT/latents
         ─train ldm─▶ OUT/ldm/pipeline ─sample─▶ OUT/samples/<prompt>/, OUT/samples/completion/, OUT/preview.png
+
+With `--vqvae train` (the default at the tiny config) a VQ-VAE is trained on the data first, into OUT/vqvae.
 
 Each stage skips what a previous run already finished (prep and encode resume shard by shard, a
 trainer with checkpoints resumes from the latest), so an interrupted quickstart picks up where it was.
@@ -29,14 +31,20 @@ PROMPTS = (
 
 
 def quickstart(out: Path, count: int = 1000, workers: int = 2, vqvae_steps: int | None = 1600, ldm_steps: int | None = None,
-               prompts: Sequence[str] = PROMPTS, samples_per_prompt: int = 4, progress: bool = True, config: str = "small") -> Path:
+               prompts: Sequence[str] = PROMPTS, samples_per_prompt: int = 4, progress: bool = True, config: str = "small",
+               vqvae: str | None = None) -> Path:
     """Run every stage into `out` with the `config` size (configs/*/<config>.yaml: small, or tiny for a
-    quick check); returns the path of the overview PNG."""
+    quick check); returns the path of the overview PNG.
+
+    `vqvae`: a VQ-VAE folder or shipped name to encode with, or "train" to train one on the data
+    (`vqvae_steps` steps); default the shipped general-32 at the small config, "train" at tiny (16³)."""
     from shapekiln.data_prep.latents import encode_shards
     from shapekiln.data_prep.shards import run_prep
     from shapekiln.data_prep.sources.synthetic import SyntheticSource
     from shapekiln.data_prep.process import PrepConfig
-    from shapekiln.train import ldm, vqvae
+    from shapekiln.models.pretrained import resolve as resolve_pretrained
+    from shapekiln.train import ldm
+    from shapekiln.train import vqvae as vqvae_training
 
     started = time.perf_counter()
     data, latents = out / "data", out / "latents"
@@ -46,12 +54,17 @@ def quickstart(out: Path, count: int = 1000, workers: int = 2, vqvae_steps: int 
     summary = run_prep(source, prep_config, data, workers=workers, progress=progress, source_args=source.args())
     print(summary.line(data))
 
-    _stage("train vqvae", started)
-    vqvae_config = load_config(vqvae.VQVAEConfig, config, "vqvae")
-    vqvae_config.data.shards, vqvae_config.train.output_dir = str(data), str(out / "vqvae")
-    if vqvae_steps is not None:
-        vqvae_config.train.max_steps = vqvae_steps
-    vqvae_model = _train_once(vqvae.train, vqvae_config, out / "vqvae", "model", progress)
+    autoencoder = vqvae or ("general-32" if config == "small" else "train")
+    if autoencoder == "train":
+        _stage("train vqvae", started)
+        vqvae_config = load_config(vqvae_training.VQVAEConfig, config, "vqvae")
+        vqvae_config.data.shards, vqvae_config.train.output_dir = str(data), str(out / "vqvae")
+        if vqvae_steps is not None:
+            vqvae_config.train.max_steps = vqvae_steps
+        vqvae_model = _train_once(vqvae_training.train, vqvae_config, out / "vqvae", "model", progress)
+    else:
+        vqvae_model = resolve_pretrained(autoencoder)
+        print(f"VQ-VAE: {autoencoder} ({vqvae_model}), not trained here")
 
     _stage("encode", started)
     print(encode_shards(vqvae_model, data, latents, progress=progress).line(latents))
@@ -67,7 +80,7 @@ def quickstart(out: Path, count: int = 1000, workers: int = 2, vqvae_steps: int 
     overview = sample_overview(pipeline_dir, data, out / "samples", prompts, samples_per_prompt, progress)
     seconds = time.perf_counter() - started
     # What this run took (stages a resumed run skipped count as nothing): read by bench/structure.py.
-    write_json(out / "quickstart.json", {"seconds": seconds, "config": config, "count": count})
+    write_json(out / "quickstart.json", {"seconds": seconds, "config": config, "count": count, "vqvae": autoencoder})
     print(f"quickstart: done in {seconds:.0f} s; overview {overview}")
     return overview
 

@@ -55,12 +55,15 @@ def test_show_writes_a_contact_sheet_and_reports_a_missing_dataset(tmp_path):
 
 @pytest.mark.slow
 def test_quickstart_runs_every_stage_and_writes_previews(tmp_path):
-    """The whole chain at a reduced budget: prep → vqvae → encode → ldm → samples and a completion."""
+    """The whole chain at a reduced budget: prep → encode (general-32) → ldm → samples and a completion."""
     out = tmp_path / "qs"
     result = shapekiln("quickstart", "--out", out, "--count", 60, "--vqvae-steps", 4, "--ldm-steps", 4, "--samples", 1, "--no-progress")
     assert "quickstart: done" in result.stdout
+    # The small config encodes with the shipped general VQ-VAE instead of training one.
+    assert "VQ-VAE: general-32" in result.stdout and not (out / "vqvae").exists()
+    assert json.loads((out / "quickstart.json").read_text())["vqvae"] == "general-32"
     meta = json.loads((out / "data" / "dataset.json").read_text())
-    assert meta["config"]["resolution"] == 32 and meta["source_args"] == {"count": 60, "seed": 0, "resolution": 32, "part_voxels": 1.5}
+    assert meta["config"]["resolution"] == 32 and meta["source_args"] == {"count": 60, "seed": 0, "resolution": 32, "part_voxels": 2.5}
     assert (out / "latents" / "latent_stats.json").is_file() and (out / "ldm" / "pipeline" / "pipeline.json").is_file()
     prompt_dirs = [path for path in (out / "samples").iterdir() if path.name != "completion"]
     assert len(prompt_dirs) == 4 and all((path / "sample_0.npy").is_file() for path in prompt_dirs)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
+import numpy as np
 import torch
 import yaml
 from accelerate import Accelerator
@@ -217,21 +218,43 @@ class Run:
         return model, optimizer, scheduler
 
     def batches(self, data: DataConfig, resolution: int, tau: float, **reader_options) -> Iterator[dict[str, Any]]:
-        """An endless, seeded stream of this rank's training batches, fast-forwarded on resume
-        so a resumed run sees exactly the batches the uninterrupted run would have seen."""
+        """An endless, seeded stream of this rank's training batches that a resume positions without replaying it.
+
+        The stream is cut into segments of checkpoint_every optimizer steps; each segment is read from
+        a fresh shuffle with a seed of its own (train.seed, segment). A run resumed at step s starts
+        segment s // checkpoint_every and skips only the batches of its first s mod checkpoint_every
+        steps (none at a checkpoint; a time-limit stop may fall between), so a resume at step 300,000
+        starts as fast as a fresh run and still sees exactly the batches the uninterrupted run would
+        have seen. `self.skipped_batches` says how many it skipped.
+        """
         check_dataset(data.shards, resolution, tau)
-        dataset = ShapeShards(
-            list_shards(data.shards, "train"), shuffle_buffer=data.shuffle_buffer, seed=self.train.seed, repeat=True,
-            resolution=resolution, rank=self.accelerator.process_index, world_size=self.accelerator.num_processes,
-            **reader_options,
-        )
-        # important! creating a DataLoader iterator draws a seed from torch's global RNG; keep that draw
-        # (and the fast-forward) off the RNG that load_state restored, or a resumed run drifts.
-        with torch.random.fork_rng(devices=[]):
-            iterator = iter(make_loader(dataset, batch_size=data.batch_size, num_workers=data.num_workers, drop_last=True))
-            for _ in range(self.state.step * self.train.gradient_accumulation_steps):
-                next(iterator)
-        return iterator
+        shards = list_shards(data.shards, "train")
+        per_segment = self.train.checkpoint_every * self.train.gradient_accumulation_steps
+        segment, skip = divmod(self.state.step * self.train.gradient_accumulation_steps, per_segment)
+        self.skipped_batches = skip
+
+        def segment_batches(segment: int) -> Iterator[dict[str, Any]]:
+            seed = int(np.random.SeedSequence([self.train.seed, segment]).generate_state(1)[0])
+            dataset = ShapeShards(shards, shuffle_buffer=data.shuffle_buffer, seed=seed, repeat=True, resolution=resolution,
+                                  rank=self.accelerator.process_index, world_size=self.accelerator.num_processes, **reader_options)
+            # important! creating a DataLoader iterator draws a seed from torch's global RNG; keep that draw
+            # (and the skip) off the RNG that load_state restored, or a resumed run drifts.
+            with torch.random.fork_rng(devices=[]):
+                return iter(make_loader(dataset, batch_size=data.batch_size, num_workers=data.num_workers, drop_last=True))
+
+        def stream() -> Iterator[dict[str, Any]]:
+            nonlocal segment, skip
+            while True:
+                iterator = segment_batches(segment)
+                with torch.random.fork_rng(devices=[]):
+                    for _ in range(skip):
+                        next(iterator)
+                for _ in range(per_segment - skip):
+                    yield next(iterator)
+                del iterator  # its worker processes end with it
+                segment, skip = segment + 1, 0
+
+        return stream()
 
     def steps(self) -> Iterator[int]:
         """Optimizer steps from the current one to max_steps, with a progress bar on the main process.

@@ -316,7 +316,7 @@ def test_the_nominal_shapes_lose_thin_parts_at_16_cubed():
 
 def test_thin_parts_are_at_least_the_asked_width_and_the_jitter_is_kept():
     nominal, built = SyntheticSource(N_CAT, seed=9), SyntheticSource(N_CAT, seed=9, resolution=32)
-    assert built.min_width == pytest.approx(1.5 / (0.8 * 32))
+    assert built.min_width == pytest.approx(2.5 / (0.8 * 32))
     for i in nominal.items():
         assert nominal.describe(i) == built.describe(i)
         thin_parts = [(name, part) for name, part in built.parts(i) if name in ("leg", "pole", "spoke", "handle")]
@@ -337,7 +337,7 @@ def test_a_grid_too_coarse_for_thin_parts_is_refused():
     with pytest.raises(ShapekilnError, match="min_width"):
         build_mesh("mug", {"height": "tall", "handle": "yes", "color": "red"}, np.random.default_rng(0), min_width=0.5)
     rebuilt = SyntheticSource.from_args(SyntheticSource(4, seed=2, resolution=32).args())
-    assert rebuilt.args() == {"count": 4, "seed": 2, "resolution": 32, "part_voxels": 1.5}
+    assert rebuilt.args() == {"count": 4, "seed": 2, "resolution": 32, "part_voxels": 2.5}
 
 
 def test_prep_at_a_grid_too_coarse_for_thin_parts_is_one_error_line(tmp_path):

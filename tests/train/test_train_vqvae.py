@@ -293,3 +293,29 @@ def test_the_cpu_is_forced_only_where_torch_sees_no_accelerator_at_all(monkeypat
     assert accelerator_present() == torch.cuda.is_available()  # these machines: no GPU of any kind
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)  # what torch reports on an Apple Silicon Mac
     assert accelerator_present()
+
+
+def test_a_resume_positions_the_data_stream_without_replaying_it(data, tmp_path):
+    """The stream is reseeded every checkpoint_every steps: a resume at step s skips s mod checkpoint_every
+    steps' batches (not s), and still gets the batches the uninterrupted stream has there."""
+    from shapekiln.config import load_config
+    from shapekiln.train.common import Run
+    from shapekiln.train.vqvae import VQVAEConfig
+
+    config = load_config(VQVAEConfig, "tiny", "vqvae")
+    config.data.shards, config.train.output_dir, config.train.checkpoint_every = str(data), str(tmp_path / "run"), 3
+
+    def ids_from(step, count):
+        run = Run("stream", config, config.train, progress=False)
+        run.state.step = step
+        batches = run.batches(config.data, config.model.resolution, config.model.tau)
+        ids = [list(next(batches)["id"]) for _ in range(count)]
+        return ids, run.skipped_batches
+
+    straight, skipped = ids_from(0, 8)
+    assert skipped == 0 and straight[0] != straight[3]  # a new segment, a new shuffle
+    for step in (3, 5, 7):
+        resumed, skipped = ids_from(step, 8 - step)
+        assert skipped == step % 3 and resumed == straight[step:], step
+    late, skipped = ids_from(300_002, 1)  # a late resume reads at most one segment's batches before its first step
+    assert skipped == 300_002 % 3 == 2 and len(late[0]) == config.data.batch_size
