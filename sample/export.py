@@ -94,10 +94,15 @@ def write_staged(out: str | Path, write: Callable[[Path], list[str]]) -> list[Pa
 
 
 def preview_sheet(meshes: Sequence[trimesh.Trimesh], condition: dict | None = None, cell: int = 192,
-                  columns: int = 4) -> Image.Image:
-    """A grid of shaded renders, the condition (prompt text, image, partial shape) in the first column."""
+                  columns: int = 4, labels: Sequence[str] | None = None) -> Image.Image:
+    """A grid of shaded renders, the condition (prompt text, image, partial shape) in the first column;
+    `labels`, one per mesh (say "3 pieces"), are written in the corner of its render."""
     panels = [condition_panel(condition, cell)] if condition else []
-    panels += [Image.fromarray(render_shape(mesh, cell)) for mesh in meshes]
+    renders = [Image.fromarray(render_shape(mesh, cell)) for mesh in meshes]
+    for render, label in zip(renders, labels or []):
+        if label:
+            ImageDraw.Draw(render).text((6, 6), label, fill=(200, 30, 30), font=ImageFont.load_default())
+    panels += renders
     columns = min(columns + (1 if condition else 0), len(panels))
     rows = -(-len(panels) // columns)
     sheet = Image.new("RGB", (columns * cell, rows * cell), "white")

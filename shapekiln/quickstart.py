@@ -113,7 +113,7 @@ def sample_overview(pipeline_dir: Path, data: Path, out: Path, prompts: Sequence
         output = pipeline(text=prompt, num_samples=count, seed=0, progress=progress)
         meshes = [shape.mesh for shape in output.shapes]
         write_samples(meshes, [shape.tsdf for shape in output.shapes], out / _slug(prompt), {"text": prompt})
-        rows.append(preview_sheet(meshes, {"text": prompt}, columns=count))
+        rows.append(preview_sheet(meshes, {"text": prompt}, columns=count, labels=_pieces(output.shapes)))
 
     held_out = next(iter(ShapeShards(list_shards(data, "test"))))
     tsdf = held_out["tsdf"][0].numpy()
@@ -123,7 +123,7 @@ def sample_overview(pipeline_dir: Path, data: Path, out: Path, prompts: Sequence
     condition = {"text": f"complete: {held_out['caption']} (z<0 kept)", "partial": kept}
     meshes = [shape.mesh for shape in output.shapes]
     write_samples(meshes, [shape.tsdf for shape in output.shapes], out / "completion", condition, prefix="completion")
-    rows.append(preview_sheet(meshes, condition, columns=count))
+    rows.append(preview_sheet(meshes, condition, columns=count, labels=_pieces(output.shapes)))
 
     sheet = Image.new("RGB", (max(row.width for row in rows), sum(row.height for row in rows)), "white")
     top = 0
@@ -133,6 +133,13 @@ def sample_overview(pipeline_dir: Path, data: Path, out: Path, prompts: Sequence
     path = out.parent / "preview.png"
     sheet.save(path)
     return path
+
+
+def _pieces(shapes) -> list[str]:
+    """Per raw sample, "N pieces" when its inside is not one 26-connected piece (the structure metric), else ""."""
+    from shapekiln.metrics import structure
+
+    return [f"{pieces} pieces" if (pieces := structure(shape.tsdf)["pieces"]) != 1 else "" for shape in shapes]
 
 
 def _slug(text: str) -> str:
