@@ -24,7 +24,7 @@ CHECKSUMS: dict[str, str] = {
 
 ABOUT: dict[str, str] = {
     "general-32": "32³ → 3×8³, 4096 codes; configs/vqvae/general-32.yaml on 3000 procedural shapes (seed 0) and 2000 "
-                  "synthetic ones (seed 1), 10000 steps at batch 4 (README: Which VQ-VAE)",
+                  "synthetic ones (seed 1, --part-voxels 1.5), 10000 steps at batch 4 (README: Which VQ-VAE)",
 }
 
 
