@@ -99,8 +99,7 @@ def main() -> None:
     prepared = data_structure(data)
     seed = int(source_args.get("seed", 0))
     nominal = generator_structure(SyntheticSource(args.baseline_count, seed=seed), resolution, extent, tau)
-    built = SyntheticSource(args.baseline_count, seed=seed, resolution=source_args.get("resolution"),
-                            part_voxels=source_args.get("part_voxels", 1.5), extent=extent)
+    built = SyntheticSource.from_args({**source_args, "count": args.baseline_count}, extent)  # as the data was built
     source = generator_structure(built, 64, extent, tau)
     print(f"data and generators measured in {time.perf_counter() - started:.0f} s")
 

@@ -256,18 +256,16 @@ def _run_prep(args: argparse.Namespace) -> int:
 
 def _build_source(args: argparse.Namespace, config: Any) -> tuple[Any, dict[str, Any]]:
     """The source object and the arguments that define it (recorded in dataset.json)."""
+    if args.source in ("synthetic", "procedural") and args.count < 1:
+        raise ShapekilnError(f"--count must be at least 1, got {args.count}")
     if args.source == "synthetic":
         from shapekiln.data_prep.sources.synthetic import SyntheticSource
 
-        if args.count < 1:
-            raise ShapekilnError(f"--count must be at least 1, got {args.count}")
         source = SyntheticSource.for_config(args.count, config, seed=args.seed, part_voxels=args.part_voxels)
         return source, source.args()
     if args.source == "procedural":
         from shapekiln.data_prep.sources.procedural import ProceduralSource
 
-        if args.count < 1:
-            raise ShapekilnError(f"--count must be at least 1, got {args.count}")
         source = ProceduralSource(args.count, seed=args.seed, detail=args.detail)
         return source, source.args()
     if args.source == "folder":

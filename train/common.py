@@ -110,7 +110,7 @@ def make_accelerator(train: TrainConfig, output_dir: Path) -> Accelerator:
     """An Accelerator that also forms a process group on a CPU-only machine (see GROUND.md); where an
     accelerator exists (CUDA, Apple's MPS, Intel's XPU) the device is accelerate's own choice."""
     on_cpu = not accelerator_present()
-    if train.report_to in ("wandb",) and importlib.util.find_spec("wandb") is None:
+    if train.report_to == "wandb" and importlib.util.find_spec("wandb") is None:
         raise ShapekilnError("--report-to wandb needs the wandb package (pip install wandb)")
     precision = resolve_mixed_precision(train.mixed_precision, on_cpu)
     if precision != train.mixed_precision:
@@ -233,22 +233,23 @@ class Run:
         segment, skip = divmod(self.state.step * self.train.gradient_accumulation_steps, per_segment)
         self.skipped_batches = skip
 
-        def segment_batches(segment: int) -> Iterator[dict[str, Any]]:
+        def segment_batches(segment: int, skip: int) -> Iterator[dict[str, Any]]:
+            """Segment `segment`'s loader, its first `skip` batches read and dropped."""
             seed = int(np.random.SeedSequence([self.train.seed, segment]).generate_state(1)[0])
             dataset = ShapeShards(shards, shuffle_buffer=data.shuffle_buffer, seed=seed, repeat=True, resolution=resolution,
                                   rank=self.accelerator.process_index, world_size=self.accelerator.num_processes, **reader_options)
             # important! creating a DataLoader iterator draws a seed from torch's global RNG; keep that draw
             # (and the skip) off the RNG that load_state restored, or a resumed run drifts.
             with torch.random.fork_rng(devices=[]):
-                return iter(make_loader(dataset, batch_size=data.batch_size, num_workers=data.num_workers, drop_last=True))
+                iterator = iter(make_loader(dataset, batch_size=data.batch_size, num_workers=data.num_workers, drop_last=True))
+                for _ in range(skip):
+                    next(iterator)
+            return iterator
 
         def stream() -> Iterator[dict[str, Any]]:
             nonlocal segment, skip
             while True:
-                iterator = segment_batches(segment)
-                with torch.random.fork_rng(devices=[]):
-                    for _ in range(skip):
-                        next(iterator)
+                iterator = segment_batches(segment, skip)
                 for _ in range(per_segment - skip):
                     yield next(iterator)
                 del iterator  # its worker processes end with it
